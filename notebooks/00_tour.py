@@ -23,6 +23,7 @@
 
 # %% tags=["parameters"]
 profile = "ci"  # ci | default | paper (papermill injects the stage's profile here)
+results_root = None  # where tables go; None: results/ (runs/results-ci/ under the ci profile)
 
 # %%
 import math
@@ -98,3 +99,16 @@ total = efficiency.macs(backbone, inputs)
 print(f"params {efficiency.params(backbone):,}; total {total / 1e9:.2f} GMACs per example "
       f"(batch {cfg.batch_size})")
 assert abs(table["gmacs"].sum() * 1e9 - total) <= 1e-6 * total
+
+# %% [markdown]
+# ## Save the table
+# `dvc repro` writes to `results/tour/`. A notebook run by hand (or by nbval in CI) under the
+# `ci` profile writes to `runs/results-ci/` instead (git-ignored), so it never overwrites the
+# committed results.
+
+# %%
+from vlkit.results import results_dir, write_table
+
+paths = write_table(table, f"tour/{cfg.preset}_units", results_root or results_dir(profile),
+                    note=f"GMACs per example (batch {cfg.batch_size}), counted under the math attention backend.")
+print(*paths, sep="\n")

@@ -2,7 +2,8 @@
 
 Notebooks are committed as jupytext ``py:percent`` files (``notebooks/NN_name.py``) so that
 diffs stay readable; this module turns one into a notebook in memory and executes it with
-papermill, injecting the ``profile`` and any extra parameters after the cell tagged
+papermill, injecting the ``profile``, ``results_root`` (the committed ``results/`` folder: a DVC stage
+writes there whatever its profile) and any extra parameters after the cell tagged
 ``parameters``. The executed notebook lands in ``runs/notebooks/`` (git-ignored: papermill
 writes timings into it, so it changes every run); the deterministic outputs are the files
 the notebook writes under ``results/``.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .config import check_profile, load_params
 from .models.protocol import UnknownNameError
-from .paths import ROOT, RUNS_DIR
+from .paths import RESULTS_DIR, ROOT, RUNS_DIR
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 
@@ -41,7 +42,7 @@ def run(name: str, profile: str | None = None, output_dir: str | Path | None = N
     jupytext.write(nb, src)
     out = out_dir / f"{name}.{profile}.ipynb"
     try:
-        papermill.execute_notebook(str(src), str(out), parameters={"profile": profile, **parameters},
+        papermill.execute_notebook(str(src), str(out), parameters={"profile": profile, "results_root": str(RESULTS_DIR), **parameters},
                                    kernel_name="python3", cwd=str(ROOT), progress_bar=False)
     finally:
         src.unlink(missing_ok=True)
