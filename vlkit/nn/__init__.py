@@ -1,0 +1,2 @@
+from .gates import HardConcreteGate
+from .lagrangian import LagrangianController, SparsityBudget, expected_size, full_size, kept_size
