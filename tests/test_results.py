@@ -10,11 +10,12 @@ from vlkit import results
 
 
 def test_write_table_writes_csv_and_markdown(tmp_path):
-    df = pd.DataFrame({"method": ["a", "b"], "acc": [0.5, 0.25]})
+    df = pd.DataFrame({"method": ["a", "b"], "acc": [0.5, 0.25], "params": [None, 3]})
     csv, md = results.write_table(df, "sub/t", tmp_path, note="measured")
-    assert pd.read_csv(csv).equals(df)
+    assert pd.read_csv(csv).equals(df.astype({"params": float}))
     text = md.read_text()
     assert "| method" in text and "0.25" in text and text.rstrip().endswith("measured")
+    assert "nan" not in text.lower() and "–" in text
     # same table twice -> byte-identical files
     first = csv.read_bytes()
     results.write_table(df, "sub/t", tmp_path)

@@ -46,10 +46,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_table(df: pd.DataFrame, name: str, results_dir: str | Path | None = None,
                 floatfmt: str = ".4g", note: str | None = None) -> tuple[Path, Path]:
-    """Write ``df`` as ``<results>/<name>.csv`` and ``.md`` (with an optional note below)."""
+    """Write ``df`` as ``<results>/<name>.csv`` and ``.md`` (with an optional note below).
+
+    Missing values (a part with no parameters of its own, a device not measured) are empty
+    in the CSV and "–" in the Markdown, never "nan"."""
     base = Path(results_dir or RESULTS_DIR) / name
     csv = atomic_write_text(base.with_suffix(".csv"), df.to_csv(index=False, lineterminator="\n"))
-    md_text = df.to_markdown(index=False, floatfmt=floatfmt) + "\n"
+    shown = df.convert_dtypes().astype(object)
+    shown = shown.where(shown.notna(), None)  # tabulate marks None, not NaN, as missing
+    md_text = shown.to_markdown(index=False, floatfmt=floatfmt, missingval="–") + "\n"
     if note:
         md_text += f"\n{note.strip()}\n"
     md = atomic_write_text(base.with_suffix(".md"), md_text)
