@@ -5,8 +5,9 @@
 #
 #   bash scripts/fetch_assets.sh            # -> cache/downloads/vaderSentiment-3.3.2.tar.gz
 #
-# Idempotent: skips the download when the archive is already there. The checksum is
-# verified by vlkit.data.assets (recorded there) when the DVC `data` stage extracts it.
+# Idempotent: skips the download when a file with the right SHA-256 is already there and
+# replaces one with a wrong checksum. vlkit.data.assets checks the same SHA-256 again when
+# the DVC `data` stage (or a first `vlkit.data.load`) reads it.
 # Env: VLKIT_CACHE_DIR overrides the cache folder; PIP overrides the pip executable.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,11 +15,23 @@ CACHE="${VLKIT_CACHE_DIR:-$ROOT/cache}"
 DEST="$CACHE/downloads"
 PIP="${PIP:-$ROOT/.venv/bin/pip}"
 FILE="vaderSentiment-3.3.2.tar.gz"
+SHA256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"  # = vlkit.data.assets.VADER_SDIST_SHA256
+
+sha() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1 || shasum -a 256 "$1" | cut -d' ' -f1; }
 
 mkdir -p "$DEST"
-if [[ -s "$DEST/$FILE" ]]; then
-  echo "fetch_assets: $DEST/$FILE already present, skipping"
-else
-  "$PIP" download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$DEST"
+if [[ -s "$DEST/$FILE" && "$(sha "$DEST/$FILE")" == "$SHA256" ]]; then
+  echo "fetch_assets: $DEST/$FILE present, sha256 ok"
+  exit 0
 fi
-if command -v sha256sum >/dev/null; then sha256sum "$DEST/$FILE"; fi
+if [[ -e "$DEST/$FILE" ]]; then
+  echo "fetch_assets: $DEST/$FILE has a wrong sha256, downloading it again"
+  rm -f "$DEST/$FILE"
+fi
+"$PIP" download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$DEST"
+got="$(sha "$DEST/$FILE")"
+if [[ "$got" != "$SHA256" ]]; then
+  echo "fetch_assets: $DEST/$FILE sha256 $got != expected $SHA256" >&2
+  exit 1
+fi
+echo "fetch_assets: downloaded $DEST/$FILE, sha256 ok"
