@@ -40,6 +40,7 @@ TOP_LEVEL_KEYS = ("profile", "seed")
 # stage name -> "module:DataclassName" (the schema of that section of params.yaml)
 STAGES: dict[str, str] = {
     "tour": "vlkit.config:TourConfig",
+    "data": "vlkit.data.stage:DataConfig",
 }
 
 

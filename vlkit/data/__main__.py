@@ -3,6 +3,7 @@
     python -m vlkit.data                         # every set, default knobs, seed 0
     python -m vlkit.data shapes_nlvr --seed 1
     python -m vlkit.data --knobs params.yaml --section data.knobs   # {name: {knob: value}}
+    python -m vlkit.data --profile ci            # the sets and knobs of params.yaml's data section
 
 Verifies the vaderSentiment sdist checksum on the way (movie_reviews) and prints one line
 per set: name, key, folder and rows per split.
@@ -27,9 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="default: $VLKIT_CACHE_DIR or <repo>/cache")
     ap.add_argument("--knobs", default=None, help="YAML/JSON file with a {name: {knob: value}} mapping")
     ap.add_argument("--section", default=None, help="dotted key of that mapping inside --knobs (e.g. data.knobs)")
+    ap.add_argument("--profile", default=None,
+                    help="take datasets, knobs and seed from params.yaml's data section for this profile")
     args = ap.parse_args(argv)
+    if args.profile:
+        from vlkit import config
 
-    knobs: dict = {}
+        from .stage import data_config
+
+        cfg = data_config(args.profile)
+        args.names = args.names or list(cfg.datasets)
+        args.seed = config.seed()
+        profile_knobs = {n: cfg.knobs_for(n) for n in args.names}
+
+    knobs: dict = profile_knobs if args.profile else {}
     if args.knobs:
         with open(args.knobs) as f:
             knobs = yaml.safe_load(f) or {}
