@@ -6,7 +6,9 @@ papermill, injecting the ``profile``, ``results_root`` (the committed ``results/
 writes there whatever its profile) and any extra parameters after the cell tagged
 ``parameters``. The executed notebook lands in ``runs/notebooks/`` (git-ignored: papermill
 writes timings into it, so it changes every run); the deterministic outputs are the files
-the notebook writes under ``results/``.
+the notebook writes under ``results/``. Each run records its wall time in
+``results/timings/<name>.<profile>.json`` (kept apart from the score tables, which stay
+byte-identical across runs).
 
     python -m vlkit.notebook 00_tour --profile ci
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from .config import check_profile, load_params
 from .models.protocol import UnknownNameError
 from .paths import RESULTS_DIR, ROOT, RUNS_DIR
+from .results import stage_timer
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 
@@ -41,9 +44,11 @@ def run(name: str, profile: str | None = None, output_dir: str | Path | None = N
     src = out_dir / f"{name}.src.ipynb"
     jupytext.write(nb, src)
     out = out_dir / f"{name}.{profile}.ipynb"
+    parameters = {"profile": profile, "results_root": str(RESULTS_DIR), **parameters}
     try:
-        papermill.execute_notebook(str(src), str(out), parameters={"profile": profile, "results_root": str(RESULTS_DIR), **parameters},
-                                   kernel_name="python3", cwd=str(ROOT), progress_bar=False)
+        with stage_timer(name, profile):
+            papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name="python3",
+                                       cwd=str(ROOT), progress_bar=False)
     finally:
         src.unlink(missing_ok=True)
     return out
