@@ -22,6 +22,12 @@ PRESETS: dict[str, str] = {
     "t5-base": "vlkit.models.t5:build_t5_base",
     # real pre-trained weights shipped in packages
     "minilm": "vlkit.models.text:build_minilm",
+    "effnet-lite0": "vlkit.models.cnn:build_effnet_lite0",
+    # mini vision-language backbones from MiniLM + EfficientNet-Lite0 cells (vlkit.models.mini)
+    "vilt-mini": "vlkit.models.mini:build_vilt_mini",
+    "meter-mini": "vlkit.models.mini:build_meter_mini",
+    "xvlm-mini": "vlkit.models.mini:build_xvlm_mini",
+    "xvlm-mini-half": "vlkit.models.mini:build_xvlm_mini_half",
 }
 
 

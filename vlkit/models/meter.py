@@ -95,13 +95,19 @@ class METERConfig:
 class METER(TwoTowerBackbone):
     """METER co-attention backbone (see the module docstring). Streams: ``"vision"``, ``"text"``."""
 
-    def __init__(self, config: METERConfig):
+    def __init__(self, config: METERConfig, *, vision_embeddings: nn.Module | None = None,
+                 text_embeddings: TextEmbeddings | None = None):
+        """``vision_embeddings`` / ``text_embeddings`` replace CLIP's patch embedding / RoBERTa's
+        embeddings (the ``meter-mini`` preset passes EfficientNet cell embeddings and BERT-style
+        MiniLM embeddings; see :class:`~vlkit.models.towers.TwoTowerBackbone`)."""
         super().__init__()
         c = self.config = config
-        self.vision_embeddings = CLIPVisionEmbeddings(c.image_size, c.patch_size, c.vision_dim, eps=c.vision_eps)
+        self.vision_embeddings = vision_embeddings if vision_embeddings is not None else CLIPVisionEmbeddings(
+            c.image_size, c.patch_size, c.vision_dim, eps=c.vision_eps)
         self.vision_norm = nn.LayerNorm(c.vision_dim, eps=c.vision_eps)  # CLIP ln_post, every token
-        self.text_embeddings = TextEmbeddings(c.vocab_size, c.text_dim, c.max_positions, c.type_vocab_size,
-                                              c.pad_token_id, eps=c.text_eps, position_style="roberta")
+        self.text_embeddings = text_embeddings if text_embeddings is not None else TextEmbeddings(
+            c.vocab_size, c.text_dim, c.max_positions, c.type_vocab_size, c.pad_token_id, eps=c.text_eps,
+            position_style="roberta")
         self.image_transform = nn.Linear(c.vision_dim, c.hidden_dim)  # cross_modal_image_transform
         self.text_transform = nn.Linear(c.text_dim, c.hidden_dim)  # cross_modal_text_transform
         self.token_type_embeddings = nn.Embedding(c.num_token_types, c.hidden_dim)
@@ -143,17 +149,23 @@ class METER(TwoTowerBackbone):
             state.streams["text"] = self.text_to_fusion(state.streams["text"])
 
     # ------------------------------------------------------------------ protocol
-    def embed(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None, image_token_type_idx: int = 1) -> State:
+    def embed(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, image_token_type_idx: int = 1, *,
+              image_feats: torch.Tensor | None = None) -> State:
         """Embeddings of both towers. ``attention_mask`` (B, L) marks real tokens (1); the
         image stream has no padding (mask ``None``). ``image_token_type_idx``: 1, or 2 for
-        the second image of an NLVR2 pair (after growing ``token_type_embeddings``)."""
-        self._check_batch(pixel_values, input_ids)
+        the second image of an NLVR2 pair (after growing ``token_type_embeddings``).
+        ``image_feats``: cached CNN cells instead of pixels (cell-embedding presets only)."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if pixel_values is not None:
+            self._check_batch(pixel_values, input_ids)
         n_types = self.token_type_embeddings.num_embeddings
         if not 1 <= image_token_type_idx < n_types:
             raise ValueError(f"image_token_type_idx={image_token_type_idx} must be in [1, {n_types})")
-        state = State(streams={"vision": self.vision_embeddings(pixel_values),
-                               "text": self.text_embeddings(input_ids)},
+        vision = self.vision_tokens(pixel_values, image_feats)
+        self._check_batch(vision, input_ids)
+        state = State(streams={"vision": vision, "text": self.text_embeddings(input_ids)},
                       masks={"vision": None, "text": attention_mask},
                       extra={"image_token_type_idx": image_token_type_idx})
         if self._last_vision is None:
@@ -168,9 +180,10 @@ class METER(TwoTowerBackbone):
         pooled = torch.cat([self.text_pooler(x), self.image_pooler(y)], dim=-1)
         return BackboneOutput(pooled=pooled, sequences={"text": x, "vision": y}, masks=dict(state.masks))
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor | None = None, *,
+                     image_feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Dv) CLIP CLS feature ``ln_post(h_CLS)`` of the vision tower alone (not normalised)."""
-        return self.vision_features(pixel_values)[:, 0]
+        return self.vision_features(pixel_values, image_feats=image_feats)[:, 0]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Dt) RoBERTa ``<s>`` state of the text tower alone (not normalised)."""

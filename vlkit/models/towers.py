@@ -278,6 +278,12 @@ class TwoTowerBackbone(Backbone):
     units). Subclasses add the fusion units, ``embed``, ``finalize`` and the encoders' heads.
 
     ``config`` needs: image_size, vocab_size, text_len, pad/bos/eos_token_id.
+
+    Pluggable vision embeddings: ``vision_embeddings`` is any module that maps the image input
+    to ``(B, Nv, Dv)`` tokens. CLIP's patch embedding takes ``pixel_values``; an embedding with
+    ``takes_features = True`` (the mini presets' :class:`vlkit.models.mini.CellEmbeddings`) is
+    called as ``vision_embeddings(image_feats=..., pixel_values=...)`` and may also supply
+    ``dummy_inputs(batch_size, generator, pixels=False)``.
     """
 
     config: object
@@ -291,9 +297,23 @@ class TwoTowerBackbone(Backbone):
             x = self.blocks[name](x, UnitContext(mask=mask))
         return x
 
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def vision_tokens(self, pixel_values: torch.Tensor | None = None,
+                      image_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Nv, Dv) vision embeddings: of ``pixel_values``, or -- for embeddings with
+        ``takes_features`` (cell embeddings) -- of cached ``image_feats``."""
+        if getattr(self.vision_embeddings, "takes_features", False):
+            return self.vision_embeddings(image_feats=image_feats, pixel_values=pixel_values)
+        if image_feats is not None:
+            raise ValueError(f"preset {self.preset!r} embeds pixel_values with a patch projection and takes no "
+                             "image_feats (cached CNN cells are for presets with cell embeddings: the *-mini ones)")
+        if pixel_values is None:
+            raise ValueError(f"preset {self.preset!r} needs pixel_values")
+        return self.vision_embeddings(pixel_values)
+
+    def vision_features(self, pixel_values: torch.Tensor | None = None, *,
+                        image_feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1 + N, Dv): the vision tower alone, after ``vision_norm`` (CLIP's ``ln_post``)."""
-        return self.vision_norm(self._run_tower("vision", self.vision_embeddings(pixel_values)))
+        return self.vision_norm(self._run_tower("vision", self.vision_tokens(pixel_values, image_feats)))
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,23 +321,28 @@ class TwoTowerBackbone(Backbone):
         return self._run_tower("text", self.text_embeddings(input_ids, token_type_ids), attention_mask)
 
     @staticmethod
-    def _check_batch(pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"pixel_values has batch {pixel_values.shape[0]} but input_ids has batch "
+    def _check_batch(images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """``images``: pixel_values or the embedded vision tokens (same batch)."""
+        if images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"the images have batch {images.shape[0]} but input_ids has batch "
                              f"{input_ids.shape[0]}")
 
-    def dummy_inputs(self, batch_size: int = 1) -> dict:
-        """Seeded inputs at the preset's size: ``pixel_values`` (B, 3, S, S) ~ N(0, 1) and
-        ``text_len`` token ids (BOS ... EOS, no padding) with an all-ones ``attention_mask``,
-        on the model's device."""
+    def dummy_inputs(self, batch_size: int = 1, *, pixels: bool = False) -> dict:
+        """Seeded inputs at the preset's size: ``pixel_values`` (B, 3, S, S) ~ N(0, 1) (or what the
+        vision embeddings' own ``dummy_inputs`` give) and ``text_len`` token ids (BOS ... EOS,
+        no padding) with an all-ones ``attention_mask``, on the model's device. ``pixels=True``
+        asks cell embeddings for 0..255 ``pixel_values`` instead of cached cells (end-to-end)."""
         c = self.config
         g = torch.Generator().manual_seed(0)
-        pixels = torch.randn(batch_size, 3, c.image_size, c.image_size, generator=g)
+        if hasattr(self.vision_embeddings, "dummy_inputs"):  # e.g. cached cells for cell embeddings
+            images = self.vision_embeddings.dummy_inputs(batch_size, g, pixels=pixels)
+        else:
+            images = {"pixel_values": torch.randn(batch_size, 3, c.image_size, c.image_size, generator=g)}
         low = max(c.pad_token_id, c.bos_token_id, c.eos_token_id) + 1
         ids = torch.randint(low, c.vocab_size, (batch_size, c.text_len), generator=g)
         ids[:, 0], ids[:, -1] = c.bos_token_id, c.eos_token_id
-        device = self.vision_embeddings.patch_embedding.weight.device
-        return {"pixel_values": pixels.to(device), "input_ids": ids.to(device),
+        device = self.text_embeddings.word_embeddings.weight.device
+        return {**{k: v.to(device) for k, v in images.items()}, "input_ids": ids.to(device),
                 "attention_mask": torch.ones_like(ids).to(device)}
 
 

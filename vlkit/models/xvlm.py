@@ -86,10 +86,13 @@ class XVLM(TwoTowerBackbone):
     """X-VLM-style backbone: vision tower, text tower, text-side fusion (module docstring).
     Streams ``"vision"`` and ``"text"``; the fusion units update ``"text"``."""
 
-    def __init__(self, config: XVLMConfig):
+    def __init__(self, config: XVLMConfig, *, vision_embeddings: nn.Module | None = None):
+        """``vision_embeddings`` replaces CLIP's patch embedding (the ``xvlm-mini`` presets pass
+        EfficientNet cell embeddings; see :class:`~vlkit.models.towers.TwoTowerBackbone`)."""
         super().__init__()
         c = self.config = config
-        self.vision_embeddings = CLIPVisionEmbeddings(c.image_size, c.patch_size, c.vision_dim, eps=c.vision_eps)
+        self.vision_embeddings = vision_embeddings if vision_embeddings is not None else CLIPVisionEmbeddings(
+            c.image_size, c.patch_size, c.vision_dim, eps=c.vision_eps)
         self.vision_norm = nn.LayerNorm(c.vision_dim, eps=c.vision_eps)  # CLIP post_layernorm, every token
         self.text_embeddings = TextEmbeddings(c.vocab_size, c.text_dim, c.max_positions, c.type_vocab_size,
                                               c.pad_token_id, eps=c.text_eps)
@@ -113,13 +116,19 @@ class XVLM(TwoTowerBackbone):
             state.streams["vision"] = self.vision_norm(state.streams["vision"])
 
     # ------------------------------------------------------------------ protocol
-    def embed(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> State:
+    def embed(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None, *,
+              image_feats: torch.Tensor | None = None) -> State:
         """Embeddings of both towers; ``attention_mask`` (B, L) marks real tokens (1); the image
-        stream has no padding (mask ``None``)."""
-        self._check_batch(pixel_values, input_ids)
-        state = State(streams={"vision": self.vision_embeddings(pixel_values),
-                               "text": self.text_embeddings(input_ids, token_type_ids)},
+        stream has no padding (mask ``None``). ``image_feats``: cached CNN cells instead of
+        pixels (cell-embedding presets only)."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if pixel_values is not None:
+            self._check_batch(pixel_values, input_ids)
+        vision = self.vision_tokens(pixel_values, image_feats)
+        self._check_batch(vision, input_ids)
+        state = State(streams={"vision": vision, "text": self.text_embeddings(input_ids, token_type_ids)},
                       masks={"vision": None, "text": attention_mask})
         if self._last_vision is None:
             state.streams["vision"] = self.vision_norm(state.streams["vision"])
@@ -130,9 +139,11 @@ class XVLM(TwoTowerBackbone):
         x, y = state.streams["text"], state.streams["vision"]
         return BackboneOutput(pooled=self.pooler(x), sequences={"text": x, "vision": y}, masks=dict(state.masks))
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor | None = None, *,
+                     image_feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, embed_dim) ``normalize(vision_proj(ln_post(h_CLS)))`` from the vision tower alone."""
-        return F.normalize(self.vision_proj(self.vision_features(pixel_values)[:, 0]), dim=-1)
+        return F.normalize(self.vision_proj(self.vision_features(pixel_values, image_feats=image_feats)[:, 0]),
+                           dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, embed_dim) ``normalize(text_proj(h_CLS))`` from the text tower alone (LEn units)."""
