@@ -127,7 +127,9 @@ class TrainConfig:
     ``device``: ``auto | cpu | cuda``. ``ckpt_every=None``: checkpoint only at the end (and
     when stopped by ``stop_at_step``). ``keep``: checkpoints kept (``None``: all).
     ``ckpt_trainable_only``: see :func:`vlkit.checkpoint.save_checkpoint`. ``progress``:
-    tqdm bar; ``None`` = only when stderr is a terminal.
+    tqdm bar; ``None`` = only when stderr is a terminal. ``fused``: AdamW's fused kernel
+    (``torch.optim.AdamW(fused=True)``), several times faster on the CPU; off by default so
+    a run equals a hand-written for-loop AdamW bit for bit.
     """
 
     steps: int | None = None
@@ -150,6 +152,7 @@ class TrainConfig:
     keep: int | None = 2
     ckpt_trainable_only: bool = False
     progress: bool | None = None
+    fused: bool = False  # AdamW's fused kernel (CPU/CUDA): ~5x faster steps on the CPU; rounding differs slightly
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -184,6 +187,8 @@ class TrainConfig:
         for k in _NON_RESULT_FIELDS:
             d.pop(k)
         d["betas"] = list(d["betas"])
+        if not d["fused"]:  # absent when off, so runs from before the field keep their params hash
+            d.pop("fused")
         return d
 
 
@@ -386,7 +391,8 @@ def fit(
     model.to(device)
     model.train()
     groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if cfg.fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg.schedule, cfg.warmup_steps, total))
     # Model order (not group order), so the clipping norm sums in the order a plain
     # ``clip_grad_norm_(model.parameters())`` would: bit-identical to a hand-written loop.

@@ -61,6 +61,27 @@ def test_equals_hf_vilt_with_masks(tiny_hf_pair):
 
 
 @torch.no_grad()
+def test_unpadded_images_take_the_batched_path_bit_identically(tiny_hf_pair):
+    """All pixels valid -> ViltBackbone._embed_unpadded (one gather, no per-image loop):
+    the same tokens, order and mask as HF's per-image visual_embed."""
+    hf, ours = tiny_hf_pair
+    x = _inputs()
+    x["pixel_mask"] = torch.ones_like(x["pixel_mask"])
+    for pixel_mask in (x["pixel_mask"], None):
+        torch.manual_seed(ours.patch_seed)
+        ref = hf(**{**x, "pixel_mask": pixel_mask})
+        out = ours(**{**x, "pixel_mask": pixel_mask})
+        assert_close(out.sequences["joint"], ref.last_hidden_state)  # our layers vs HF's: float rounding
+        assert_close(out.pooled, ref.pooler_output)
+    state = ours.embed(**x)  # bit-identical to HF's embeddings module, at the same patch seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ours.patch_seed)
+        z, mask = ours.embeddings(x["input_ids"], x["attention_mask"], None, x["pixel_values"], x["pixel_mask"],
+                                  None, None)
+    assert torch.equal(state.streams["joint"], z) and torch.equal(state.masks["joint"], mask)
+
+
+@torch.no_grad()
 def test_patch_order_is_seeded(tiny):
     x = _inputs()
     a, b = tiny(**x), tiny(**x)

@@ -57,6 +57,12 @@ class Attention(nn.Module):
     ``num_heads`` may shrink below the configured count after physical pruning; it may be 0,
     in which case the sub-layer outputs zeros (pruning drops the output bias with the heads,
     so a fully pruned sub-layer contributes nothing).
+
+    Gating fields (set by :mod:`vlkit.methods.evlm`; ``None`` = off, the default, which leaves
+    the computation untouched): ``head_mask`` (H,) multiplies each head's output before ``o``;
+    ``out_scale`` (a scalar tensor) multiplies the sub-layer's whole output, ``o``'s bias
+    included (CoFi's ``head_layer_z``), so ``out_scale = 0`` makes the sub-layer contribute
+    exactly nothing, like a physically removed one.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, kv_dim: int | None = None,
@@ -75,6 +81,8 @@ class Attention(nn.Module):
         # Optional per-head multiplier (H,) applied to each head's output before ``o``; set by
         # gating code (EfficientVLM); ``None`` means all heads on.
         self.head_mask: torch.Tensor | None = None
+        # Optional scalar multiplying the whole output (bias included); ``None`` means 1.
+        self.out_scale: torch.Tensor | None = None
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -89,7 +97,8 @@ class Attention(nn.Module):
             out = x.new_zeros(x.shape)
             if attentions is not None:
                 attentions.append(None)
-            return out + self.o.bias if self.o.bias is not None else out
+            out = out + self.o.bias if self.o.bias is not None else out
+            return out if self.out_scale is None else out * self.out_scale.to(out.dtype)
         kv = x if context is None else context
         q, k, v = self._split(self.q(x)), self._split(self.k(kv)), self._split(self.v(kv))
         add = additive_mask(mask, q.dtype)
@@ -108,11 +117,15 @@ class Attention(nn.Module):
         if self.head_mask is not None:
             ctx = ctx * self.head_mask.to(ctx.dtype)[None, :, None, None]
         b, _, n, _ = ctx.shape
-        return self.o(ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = self.o(ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return out if self.out_scale is None else out * self.out_scale.to(out.dtype)
 
 
 class FeedForward(nn.Module):
-    """``fc2(act(fc1(x)))``; ``unit_mask`` (d_ff,) optionally gates the hidden units."""
+    """``fc2(act(fc1(x)))``; ``unit_mask`` (d_ff,) optionally gates the hidden units and
+    ``out_scale`` (a scalar tensor) the whole output, ``fc2``'s bias included (CoFi's
+    ``mlp_z``); both ``None`` by default (no effect). ``d_ff`` may be 0 after pruning (then
+    ``fc2`` has no bias and the sub-layer outputs zeros)."""
 
     def __init__(self, dim: int, ffn_dim: int, act: str = "gelu", bias: bool = True, dropout: float = 0.0):
         super().__init__()
@@ -123,12 +136,14 @@ class FeedForward(nn.Module):
         self.act_name = act
         self.dropout = dropout
         self.unit_mask: torch.Tensor | None = None
+        self.out_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ACTIVATIONS[self.act_name](self.fc1(x))
         if self.unit_mask is not None:
             h = h * self.unit_mask.to(h.dtype)
-        return self.fc2(F.dropout(h, self.dropout, self.training) if self.dropout else h)
+        out = self.fc2(F.dropout(h, self.dropout, self.training) if self.dropout else h)
+        return out if self.out_scale is None else out * self.out_scale.to(out.dtype)
 
 
 class TransformerLayer(nn.Module):
