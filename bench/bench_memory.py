@@ -6,7 +6,7 @@ Commands (from the repository root)::
     python -m bench.bench_memory                      # CPU (2 threads, batch 8); CUDA too if present
     python -m bench.bench_memory --device cuda        # GPU only (batch 100)
     python -m bench.bench_memory --device cpu --skip-cache
-    python -m bench.bench_memory --only-cache --cache-examples 256
+    python -m bench.bench_memory --only-cache --cache-examples 256 --cache-threads 1
 
 **Memory** (``results/bench/memory.<device>.json`` + ``.md``): for ``bert-base`` and ``t5-base``
 (random weights: memory and time do not depend on them), each method applied with its defaults
@@ -21,21 +21,36 @@ library code and lazily imported modules are not counted as model memory), then 
 model, runs 1 warm-up + 2 timed steps (:func:`vlkit.efficiency.latency`, median), and reports
 the peak -- CUDA: ``max_memory_allocated``; CPU: peak RSS. Weights are included on both devices.
 On the CPU the peak RSS counter is reset once more *after the model is built* (building a preset
-copies the library model's weights once, a transient that is not training memory; on CUDA the build happens on the CPU and is not seen either). Beside the peak, ``saved_gib`` is the
-deterministic part: the bytes of the distinct tensors autograd saves for backward during one
-forward pass (``torch.autograd.graph.saved_tensors_hooks``; weights excluded, the frozen features a
-method's trainable down-projections read included). Ratios are to full fine-tuning.
+copies the library model's weights once, a transient that is not training memory; on CUDA the
+build happens on the CPU and is not seen either). Beside the peak, ``saved_gib`` is the
+deterministic part, measured in the parent process: the bytes of the distinct tensors autograd
+saves for backward during one training forward (``torch.autograd.graph.saved_tensors_hooks``;
+weights excluded, the frozen features that a method's trainable down-projections read included).
+Ratios are to full fine-tuning.
 
 **Cache** (``results/bench/sherl_cache.<device>.json``): a SHERL epoch on ``--cache-examples``
 random examples (length 128, batch 32) for ``bert-base`` and ``minilm``, recomputing the frozen
 prefix every step vs reading it from a :class:`vlkit.methods.feature_cache.PrefixCache` built
 once (build time reported separately). The two runs start from the same initialisation,
-alternate step by step (so a shared machine's load hits both alike) and must see the same losses.
+alternate step by step (so a shared machine's load hits both alike) and must see the same
+losses. ``macs_ratio`` is the deterministic compute ratio of the two training steps (forward +
+backward, FlopCounter / 2 under the math attention backend).
 
-Expected (issue #8): SHERL's peak <= 0.25x full fine-tuning on bert-base and below LST's and
-UniPT's; T5-base: the paper reports 2.9 GB (SHERL) vs 17.6 GB (full) on its GPU; the cache makes
-a bert-base SHERL epoch >= 3x faster. Runtime on 2 shared CPU cores: ~5-8 min for the memory part
-(full T5-base steps dominate), ~4 min for the cache part.
+Targets (issue #8): SHERL's peak <= 0.25x full fine-tuning on bert-base and below LST's and
+UniPT's; T5-base vs the paper's 2.9 GB / 17.6 GB; a cached bert-base SHERL epoch >= 3x faster.
+
+Measured here (2 shared CPU cores; other jobs kept the 1-minute load average at 4-10, recorded
+in the files): bert-base batch 8 -- full 2.69 GiB, LST 0.59, UniPT 0.62, SHERL 0.58 GiB peak
+(SHERL 0.22x full; the three METL peaks lie within the +-0.04 GiB run-to-run spread of peak RSS,
+all dominated by the 0.41 GiB of frozen weights); autograd-saved activations: full 0.85, LST
+0.12, SHERL 0.082, UniPT 0.065 GiB. T5-base batch 8: full 6.88 GiB, SHERL 1.21 GiB (0.18x; the
+paper: 2.9 / 17.6 GB = 0.16x). Step times under that load are not reliable. Cache: MACs ratio
+5.6x (bert-base) and 3.3x (MiniLM); wall-clock with 2 threads 2.6-3.2x over four runs -- on an
+oversubscribed machine every 2-thread OpenMP region waits for a scheduler slice, which costs the
+cached step's many small ops far more than the prefix's large matmuls (an AdamW step over the
+MTSA took 1 s with 2 threads and 10 ms with 1) -- and 4.7x (bert-base) / 2.9x (MiniLM) with 1
+thread (``sherl_cache.cpu-1t``). The cache costs 4.33 MB per bert-base example (0.98 for MiniLM).
+Runtime: ~10-20 min for the memory part, ~5-8 min for the cache part.
 """
 
 from __future__ import annotations
@@ -304,7 +319,8 @@ def cache_row(preset: str, n_examples: int, batch_size: int = 32, seq_len: int =
             "features": len(cached_model.feature_keys)}
 
 
-def run(device: str, *, skip_cache: bool = False, only_cache: bool = False, cache_examples: int = 256) -> list:
+def run(device: str, *, skip_cache: bool = False, only_cache: bool = False, cache_examples: int = 256,
+        cache_threads: int = CPU_THREADS) -> list:
     dev = torch.device(device)
     if dev.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
@@ -324,6 +340,9 @@ def run(device: str, *, skip_cache: bool = False, only_cache: bool = False, cach
         payload["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
         written.append(write_bench(MEMORY_BENCH, tag, payload))
     if not skip_cache and dev.type == "cpu":
+        torch.set_num_threads(cache_threads)
+        tag = device_tag(dev)
+        meta.update(device=tag, threads=cache_threads, load_avg_1m_at_start=round(os.getloadavg()[0], 2))
         rows = [cache_row(p, cache_examples) for p in CACHE_PRESETS]
         checks = {"bert_gain_ge_3x": rows[0]["gain"] >= TARGET_CACHE_GAIN,
                   "losses_agree_rtol_1e-5": all(r["max_rel_loss_diff"] <= 1e-5 for r in rows)}
@@ -339,12 +358,15 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-cache", action="store_true", help="skip the cache epoch-time part")
     ap.add_argument("--only-cache", action="store_true", help="only the cache epoch-time part (CPU)")
     ap.add_argument("--cache-examples", type=int, default=256)
+    ap.add_argument("--cache-threads", type=int, default=CPU_THREADS,
+                    help="CPU threads of the cache part (its result file is sherl_cache.cpu-<n>t)")
     a = ap.parse_args(argv)
     devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     for d in devices:
-        for path in run(d, skip_cache=a.skip_cache, only_cache=a.only_cache, cache_examples=a.cache_examples):
+        for path in run(d, skip_cache=a.skip_cache, only_cache=a.only_cache, cache_examples=a.cache_examples,
+                        cache_threads=a.cache_threads):
             print(path)
 
 
