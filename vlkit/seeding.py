@@ -17,10 +17,11 @@ deterministic kernels, which matters on CUDA (cuDNN, cuBLAS) and costs speed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -121,3 +122,13 @@ def set_rng_state(state: dict) -> None:
 
 
 __all__ = ["seed_everything", "data_generator", "derive_seed", "check_seed", "rng_state", "set_rng_state"]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block under ``torch.manual_seed(seed)`` without touching the caller's RNG."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

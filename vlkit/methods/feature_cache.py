@@ -33,7 +33,6 @@ named subset (``subset="train[:1000]"`` with the matching inputs).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from vlkit.models.protocol import Backbone, BackboneOutput, State
+from vlkit.seeding import seeded  # noqa: F401  (re-exported for the methods)
 
 GIB = 2**30
 DEFAULT_MAX_BYTES = 8 * GIB
@@ -63,14 +63,6 @@ def embed_key(stream: str) -> str:
     return EMBED + stream
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block under ``torch.manual_seed(seed)`` without touching the caller's RNG."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def check_reduction(reduction, width: int, what: str = "width") -> int:

@@ -20,7 +20,6 @@ the original. The task head is not part of this: callers add it (and train it) s
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from vlkit.models.layers import ACTIVATIONS
 from vlkit.models.protocol import Backbone, UnknownNameError
 from vlkit.nn.adapters import INITS, PLACEMENTS, BottleneckAdapter, ParallelAdapter, SequentialAdapter, add_adapters
+from vlkit.seeding import seeded  # noqa: F401  (re-exported for the methods)
 
 __all__ = ["apply_full", "apply_bitfit", "apply_adapter", "apply_lora", "set_trainable", "is_norm",
            "adapter_bottleneck", "unit_width", "lora_modules", "LORA_PREFIX"]
@@ -48,14 +48,6 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block under ``torch.manual_seed(seed)`` without touching the caller's RNG."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def set_trainable(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> int:
