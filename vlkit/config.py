@@ -41,6 +41,8 @@ TOP_LEVEL_KEYS = ("profile", "seed")
 STAGES: dict[str, str] = {
     "tour": "vlkit.config:TourConfig",
     "data": "vlkit.data.stage:DataConfig",
+    "pretrain": "vlkit.pretrain:PretrainConfig",
+    "baselines": "vlkit.tasks.baselines:BaselinesConfig",
 }
 
 
