@@ -113,6 +113,15 @@ def test_mask_tokens_bert_statistics_and_specials():
     assert (out[other] >= 5).all() and (out[other] < V).all()  # random tokens are ordinary ones
 
 
+def test_mask_tokens_force_chooses_but_never_specials():
+    ids = torch.tensor([[CLS, 7, 8, 9, SEP, PAD]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    force = torch.tensor([[True, False, True, False, True, True]])
+    _, labels = P.mask_tokens(ids, mask, mask_token_id=MASK, special_ids=(PAD, CLS, SEP), vocab_size=V, prob=1e-9,
+                              force=force, generator=torch.Generator().manual_seed(0))
+    assert (labels != P.IGNORE).nonzero()[:, 1].tolist() == [2]
+
+
 def test_mask_tokens_forces_one_token_when_none_chosen():
     ids = torch.tensor([[CLS, 7, 8, SEP, PAD]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
@@ -137,32 +146,24 @@ def test_itm_batch_balance_and_negatives(b):
         assert int((labels == 0).sum()) == n_neg and int(labels.sum()) == b - n_neg
         assert int((kind == P.HARD_NEG).sum()) == round(0.5 * n_neg)
         assert torch.equal(labels, (kind == P.POSITIVE).long())
-        changed_visible = 0
         for r, (s, i) in enumerate(items):
-            keep = batch["mask"][r].bool()
-            text = batch["text_ids"][r][keep].tolist()
+            itm = batch["itm_ids"][r][batch["itm_mask"][r].bool()].tolist()
             pos = batch["pos_ids"][r][batch["pos_mask"][r].bool()].tolist()
             assert pos == src.ids[i]
-            labels = batch["mlm_labels"][r][keep]
-            chosen = labels != P.IGNORE
-            fed = batch["ids"][r][keep]
             if kind[r] == P.POSITIVE:
-                assert text == pos
-                # the fed text differs from the caption only where a token was chosen for MLM
-                assert torch.equal(fed[~chosen], torch.tensor(pos)[~chosen])
-                assert labels[chosen].tolist() == torch.tensor(pos)[chosen].tolist()
-                continue
-            assert text != pos and not chosen.any()  # mismatched pairs carry no MLM labels
-            if kind[r] == P.HARD_NEG:
-                assert text in src.hard[i]
-                changed = [k for k, t in enumerate(text) if t not in set(pos)]
-                assert changed and all(int(fed[k]) == text[k] for k in changed)  # never masked
-                changed_visible += 1
+                assert itm == pos
             else:
-                j = src.ids.index(text)  # another example's caption ...
-                assert src.truth(i, j) is False  # ... false for this image
-        assert changed_visible == int((kind == P.HARD_NEG).sum())
-        assert (batch["ids"] == MASK).any() and (batch["mlm_labels"] != P.IGNORE).any()
+                assert itm != pos
+                if kind[r] == P.HARD_NEG:
+                    assert itm in src.hard[i]
+                else:
+                    j = src.ids.index(itm)  # another example's caption ...
+                    assert src.truth(i, j) is False  # ... false for this image
+        # MLM: every row's own caption, changed only where a token was chosen
+        chosen = batch["mlm_labels"] != P.IGNORE
+        assert chosen.any()
+        assert torch.equal(batch["mlm_labels"][chosen], batch["pos_ids"][chosen])
+        assert torch.equal(batch["mlm_ids"][~chosen], batch["pos_ids"][~chosen])
         assert batch["image_feats"].dtype == torch.float32
         assert torch.equal(batch["image_feats"], torch.stack([src.feats[src.rows[i]] for _, i in items]))
 
@@ -172,10 +173,39 @@ def test_collator_without_mlm_or_itm():
     items = [corpus[k] for k in range(8)]
     only_itm = P.PretrainCollator(corpus, **TOKENS, vocab_size=V, mlm=False,
                                   generator=torch.Generator().manual_seed(0))(items)
-    assert "mlm_labels" not in only_itm and torch.equal(only_itm["ids"], only_itm["text_ids"])
+    assert "mlm_ids" not in only_itm and int(only_itm["itm_labels"].sum()) == 4
     only_mlm = P.PretrainCollator(corpus, **TOKENS, vocab_size=V, itm=False,
                                   generator=torch.Generator().manual_seed(0))(items)
-    assert only_mlm["itm_labels"].all() and torch.equal(only_mlm["text_ids"], only_mlm["pos_ids"])
+    assert only_mlm["itm_labels"].all() and torch.equal(only_mlm["itm_ids"], only_mlm["pos_ids"])
+
+
+TOY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS] + [f"[unused{i}]" for i in range(V - 5 - len(WORDS))]
+
+
+def test_grounded_groups_whole_words_and_answers():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cy", "##an", "circle", "is", "there", "?", "yes",
+             "red", "."] + [""] * (V - 15)
+    c = P.PretrainCollator(P.Corpus([toy_source()]), **TOKENS, vocab_size=V, vocab=vocab,
+                           grounded_words={"cyan", "circle", "red"}, grounded_prob=0.5)
+    assert c.grounded_groups([CLS, 5, 6, 7, 8, 14, SEP]) == [[2, 3], [4]]  # "a cyan circle ." -> cy+##an, circle
+    # a question-answer text: only the answer (the words after "?") is grounded
+    assert c.grounded_groups([CLS, 9, 10, 5, 13, 8, 11, 12, SEP]) == [[7]]
+    with pytest.raises(ValueError, match="vocab"):
+        P.PretrainCollator(P.Corpus([toy_source()]), **TOKENS, vocab_size=V, grounded_prob=0.5)
+
+
+def test_grounded_words_are_always_chosen_with_prob_one():
+    """grounded_prob=1 and plain masking off: exactly the colour and shape words are chosen,
+    then replaced 80/10/10 like any chosen token."""
+    corpus = P.Corpus([toy_source()])
+    collate = P.PretrainCollator(corpus, **{**TOKENS, "vocab": TOY_VOCAB}, vocab_size=V, mlm_prob=1e-9,
+                                 grounded_words=set(COLOURS + SHAPES), grounded_prob=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    batch = collate([corpus[k] for k in range(16)])
+    grounded = torch.isin(batch["pos_ids"], torch.tensor([VOCAB[w] for w in COLOURS + SHAPES]))
+    assert int(grounded.sum()) == 32  # "a <colour> <shape> ." x 16
+    assert torch.equal(batch["mlm_labels"] != P.IGNORE, grounded)
+    assert int((batch["mlm_ids"] == MASK).sum()) > 16
 
 
 def test_collator_is_seeded():
@@ -320,7 +350,7 @@ def test_config_checks_names():
 def test_pretrain_lowers_loss_resumes_and_exports(tmp_path):
     cfg = toy_cfg("vilt-mini", steps=10)
     corpus, val = P.Corpus([toy_source()]), P.Corpus([toy_source(seed=1)])
-    kw = dict(seed=0, tokens=TOKENS)
+    kw = dict(seed=0, tokens={**TOKENS, "vocab": TOY_VOCAB})
     # interrupted at step 4, then resumed
     part = P.pretrain_preset("vilt-mini", cfg, corpus, val, run_dir=tmp_path / "a", stop_at_step=4, **kw)
     assert part.record["steps"] == 4 and not (tmp_path / "a" / "final").exists()
@@ -396,3 +426,18 @@ def test_helps_table_pairs_rows_and_differences():
     assert row["diff_se"] == 2.0 and row["val diff"] == 8.0 and row["helps"] == "yes"
     assert P.helps_table(table(71.0, 1.2, 0), table(70.0, 1.6, 0)).iloc[0]["helps"] == "yes (< 2 SE)"
     assert P.helps_table(table(69.0, 1.2, 0), table(70.0, 1.6, 0)).iloc[0]["helps"] == "no"
+
+
+def test_train_negatives_random_by_default_val_half_hard():
+    """ViLT / METER sample ITM negatives at random (the default ``hard_frac=0``); validation
+    batches keep half their negatives hard (``val_hard_frac``) to measure one-word matching."""
+    corpus = P.Corpus([toy_source()])
+    cfg = toy_cfg()
+    items = [corpus[k] for k in range(16)]
+    tokens = {**TOKENS, "vocab": TOY_VOCAB}
+    train = P.collator_for(corpus, cfg, V, tokens, generator=torch.Generator().manual_seed(0))(items)
+    val = P.collator_for(corpus, cfg, V, tokens, generator=torch.Generator().manual_seed(0), val=True)(items)
+    assert cfg.hard_frac == 0.0 and int((train["itm_kind"] == P.HARD_NEG).sum()) == 0
+    assert int((val["itm_kind"] == P.HARD_NEG).sum()) == 4 and int((val["itm_labels"] == 0).sum()) == 8
+    with pytest.raises(ValueError, match="val_hard_frac"):
+        toy_cfg(val_hard_frac=1.5)

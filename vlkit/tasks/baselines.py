@@ -55,8 +55,9 @@ class BaselinesConfig:
 
     ``backbones`` x ``tasks`` (vision-language) and ``text_backbones`` x ``text_tasks`` are
     run with each of ``methods``. ``task_settings[task]``: ``train`` / ``val`` / ``test``
-    rows (a fixed random subset; ``None`` = all; for retrieval ``train`` counts images and
-    ``val`` / ``test`` the two-tower gallery's images), ``epochs`` (or ``steps``), ``lr``,
+    rows (a fixed random subset; ``None`` = all; ``val: 0`` = no val pass; for retrieval
+    ``train`` counts images and ``val`` / ``test`` the two-tower gallery's images),
+    ``epochs`` (or ``steps``), ``lr``,
     ``batch_size``, ``text_len``, and for the linear probe ``probe_lr`` / ``probe_epochs``;
     ``head_lr_mult``: the head's lr multiple under full fine-tuning (ViLT: 10);
     ``warmup``: warm-up fraction of the linear schedule. ``train``: defaults of those keys
@@ -178,7 +179,7 @@ def _load_data(task: str, cfg: BaselinesConfig, profile: str | None) -> dict:
     spec, s = get_task(task), cfg.settings(task)
     kw = dict(profile=profile, features=cfg.features, text_len=s["text_len"])
     data = {"train": spec.load("train", limit=s["train"], **kw)}
-    for split in ("val", "test"):
+    for split in ("val", "test") if s["val"] != 0 else ("test",):
         extra = _gallery(cfg) if isinstance(spec, RetrievalTask) else {}
         data[split] = spec.load(split, limit=s[split], **kw, **extra)
     return data
@@ -238,7 +239,8 @@ def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_to
         return rows
     test = spec.chance(data["train"], data["test"])
     row = _row(task, "–", "chance (majority class)", "–", spec, None, data, test)
-    row["val"] = round(spec.chance(data["train"], data["val"])["score"], 2)
+    if "val" in data:
+        row["val"] = round(spec.chance(data["train"], data["val"])["score"], 2)
     return [row]
 
 
@@ -275,7 +277,7 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
             t0 = time.perf_counter()
             linear = method == "linear_probe"
             tc = _train_config(s, len(data["train"]), linear, seed)
-            splits = tuple(sp for sp in ("val", "test") if not linear or sp in cfg.probe_splits)
+            splits = tuple(sp for sp in ("val", "test") if sp in data and (not linear or sp in cfg.probe_splits))
             res = finetune(spec, copy.deepcopy(base), method, data=data, train_config=tc, seed=seed,
                            eval_splits=splits, head_lr_mult=None if linear else float(s["head_lr_mult"]))
             rows.append(_row(task, backbone, method, pretrained, spec, res, data))
@@ -314,9 +316,11 @@ def table_note(cfg: BaselinesConfig, table: pd.DataFrame, profile: str | None) -
         what = "image-caption pairs" if task == "shapes_retrieval" else "examples"
         lines.append(f"- `{task}`: train subset {n_train} {what} ({s['train'] or 'all'} "
                      f"{'images' if task == 'shapes_retrieval' else 'rows'}), full FT "
-                     f"{s['steps'] or str(s['epochs']) + ' epoch(s)'} at lr {s['lr']} (head x{s['head_lr_mult']}), "
+                     f"{str(s['steps']) + ' steps' if s['steps'] else str(s['epochs']) + ' epoch(s)'} at lr {s['lr']} "
+                     f"(head x{s['head_lr_mult']}), "
                      f"linear probe {s['probe_epochs']} epochs at lr {s['probe_lr']}; val/test: "
-                     f"{s['val'] or 'all'}/{s['test'] or 'all'} rows (fixed random subsets).")
+                     f"{'none' if s['val'] == 0 else s['val'] or 'all'}/{s['test'] or 'all'} "
+                     f"{'gallery images' if task == 'shapes_retrieval' else 'rows'} (fixed subsets).")
     if "shapes_retrieval" in cfg.tasks:
         spec = _spec_for("shapes_retrieval", cfg)
         lines.append(f"- retrieval gallery: two-tower presets rank every caption by the contrastive score and "

@@ -195,6 +195,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _autocast(device: torch.device, amp: str):
+    """The autocast :func:`vlkit.train.fit` trains under (same ``amp`` rules), for scoring."""
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.type == "cuda" and amp in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cuda" and amp == "fp16":
