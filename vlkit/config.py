@@ -43,6 +43,7 @@ STAGES: dict[str, str] = {
     "data": "vlkit.data.stage:DataConfig",
     "pretrain": "vlkit.pretrain:PretrainConfig",
     "baselines": "vlkit.tasks.baselines:BaselinesConfig",
+    "das": "vlkit.methods.das.study:DASConfig",
 }
 
 

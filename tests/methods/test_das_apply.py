@@ -263,3 +263,20 @@ def test_supernet_switching(vilt, vilt_inputs):
         sn.set_skips(["En7"])
     with pytest.raises(ValueError, match="already has adapters"):
         SkipSupernet(apply_skips(vilt, [], inplace=False))
+
+
+def test_das_as_a_petl_method_is_apply_skips(meter):
+    """``petl.apply("das", b, skip=...)`` builds exactly ``apply_skips``'s model: same weights,
+    same trainable tensors; ``skip=()`` is the adapters-only k = 0 model."""
+    from vlkit.methods.petl import apply
+
+    ref = apply_skips(meter, ["FV1"], scope="global", seed=2, inplace=False)
+    got = apply("das", copy.deepcopy(meter), skip=["FV1"], scope="global", seed=2)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ({n for n, p in ref.named_parameters() if p.requires_grad}
+            == {n for n, p in got.named_parameters() if p.requires_grad})
+    k0 = apply("das", copy.deepcopy(meter), scope="fusion")
+    assert not any(isinstance(k0.unit(n), SkipAdapter) for n in candidates(meter, "fusion"))
+    with pytest.raises(UnknownNameError, match="'skips'"):
+        apply("das", copy.deepcopy(meter), skips=["FV1"])

@@ -102,7 +102,8 @@ def fresh(backbone, method, **opts):
 
 # ---------------------------------------------------------------------------- registry and errors
 def test_registry_names_and_lazy_entries():
-    assert set(METHODS) == {"full", "bitfit", "adapter", "lora", "prompt", "lst", "unipt", "sherl"}
+    assert set(METHODS) == {"full", "bitfit", "adapter", "lora", "prompt", "lst", "unipt", "sherl", "das"}
+    assert METHODS["das"] == "vlkit.methods.das.apply:apply_das"
     assert METHODS["lst"] == "vlkit.methods.petl.lst:apply_lst"
     assert METHODS["unipt"] == "vlkit.methods.petl.unipt:apply_unipt"
     assert METHODS["sherl"] == "vlkit.methods.sherl:apply_sherl"

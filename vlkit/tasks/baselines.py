@@ -40,7 +40,8 @@ from vlkit.models.protocol import UnknownNameError
 
 from .runner import TASKS, RetrievalTask, finetune, get_task
 
-__all__ = ["BaselinesConfig", "TASK_SETTING_KEYS", "run_baselines", "load_backbone", "chance_rows", "main"]
+__all__ = ["BaselinesConfig", "TASK_SETTING_KEYS", "run_baselines", "load_backbone", "load_task_data", "task_spec",
+           "train_config_for", "table_row", "chance_rows", "main"]
 
 TASK_SETTING_KEYS = ("train", "val", "test", "epochs", "steps", "lr", "probe_lr", "probe_epochs", "batch_size",
                      "text_len", "head_lr_mult", "warmup")
@@ -162,7 +163,7 @@ def load_backbone(preset: str, cfg: BaselinesConfig, built: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------- rows
-def _train_config(s: dict, n_train: int, linear: bool, seed: int):
+def train_config_for(s: dict, n_train: int, linear: bool, seed: int):
     from vlkit.train import TrainConfig
 
     bs = min(int(s["batch_size"]), n_train)
@@ -175,21 +176,21 @@ def _train_config(s: dict, n_train: int, linear: bool, seed: int):
                        progress=False, fused=True)
 
 
-def _load_data(task: str, cfg: BaselinesConfig, profile: str | None) -> dict:
+def load_task_data(task: str, cfg: BaselinesConfig, profile: str | None) -> dict:
     spec, s = get_task(task), cfg.settings(task)
     kw = dict(profile=profile, features=cfg.features, text_len=s["text_len"])
     data = {"train": spec.load("train", limit=s["train"], **kw)}
     for split in ("val", "test") if s["val"] != 0 else ("test",):
-        extra = _gallery(cfg) if isinstance(spec, RetrievalTask) else {}
+        extra = gallery_options(cfg) if isinstance(spec, RetrievalTask) else {}
         data[split] = spec.load(split, limit=s[split], **kw, **extra)
     return data
 
 
-def _gallery(cfg: BaselinesConfig) -> dict:
+def gallery_options(cfg: BaselinesConfig) -> dict:
     return {"captions_per_image": cfg.gallery["captions_per_image"]} if "captions_per_image" in cfg.gallery else {}
 
 
-def _spec_for(task: str, cfg: BaselinesConfig):
+def task_spec(task: str, cfg: BaselinesConfig):
     spec = get_task(task)
     if isinstance(spec, RetrievalTask):
         changes = {}
@@ -203,7 +204,7 @@ def _spec_for(task: str, cfg: BaselinesConfig):
     return spec
 
 
-def _row(task: str, backbone: str, method: str, pretrained: str, spec, res: dict | None, data: dict,
+def table_row(task: str, backbone: str, method: str, pretrained: str, spec, res: dict | None, data: dict,
          chance: dict | None = None) -> dict:
     test = chance if chance is not None else res["test"]
     val = None if res is None else res.get("val")
@@ -232,13 +233,13 @@ def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_to
     if isinstance(spec, RetrievalTask):
         rows = []
         if two_tower:
-            rows.append(_row(task, "–", "chance", "–", spec, None, data, spec.chance(data["train"], data["test"])))
+            rows.append(table_row(task, "–", "chance", "–", spec, None, data, spec.chance(data["train"], data["test"])))
         if single_stream:
-            rows.append(_row(task, "–", "chance", "–", spec, None, data,
+            rows.append(table_row(task, "–", "chance", "–", spec, None, data,
                              spec.chance(data["train"], data["test"], single_stream=True)))
         return rows
     test = spec.chance(data["train"], data["test"])
-    row = _row(task, "–", "chance (majority class)", "–", spec, None, data, test)
+    row = table_row(task, "–", "chance (majority class)", "–", spec, None, data, test)
     if "val" in data:
         row["val"] = round(spec.chance(data["train"], data["val"])["score"], 2)
     return [row]
@@ -261,10 +262,10 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
     data_cache: dict = {}
     kinds: dict[str, set] = {}
     for backbone, task in plan:
-        spec, s = _spec_for(task, cfg), cfg.settings(task)
+        spec, s = task_spec(task, cfg), cfg.settings(task)
         if task not in data_cache:
             t0 = time.perf_counter()
-            data_cache[task] = _load_data(task, cfg, profile)
+            data_cache[task] = load_task_data(task, cfg, profile)
             timings.setdefault("data", {})[task] = round(time.perf_counter() - t0, 1)
         data = data_cache[task]
         if backbone not in built:
@@ -276,11 +277,11 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
         for method in cfg.methods:
             t0 = time.perf_counter()
             linear = method == "linear_probe"
-            tc = _train_config(s, len(data["train"]), linear, seed)
+            tc = train_config_for(s, len(data["train"]), linear, seed)
             splits = tuple(sp for sp in ("val", "test") if sp in data and (not linear or sp in cfg.probe_splits))
             res = finetune(spec, copy.deepcopy(base), method, data=data, train_config=tc, seed=seed,
                            eval_splits=splits, head_lr_mult=None if linear else float(s["head_lr_mult"]))
-            rows.append(_row(task, backbone, method, pretrained, spec, res, data))
+            rows.append(table_row(task, backbone, method, pretrained, spec, res, data))
             dt = time.perf_counter() - t0
             timings["rows"].append({"task": task, "backbone": backbone, "method": method, "seconds": round(dt, 1),
                                     "train_seconds": round(res["train_seconds"], 1),
@@ -291,7 +292,7 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
             del res
     for task in list(cfg.tasks) + list(cfg.text_tasks):
         if task in data_cache:
-            spec = _spec_for(task, cfg)
+            spec = task_spec(task, cfg)
             k = kinds.get(task, set())
             rows += chance_rows(task, spec, data_cache[task], single_stream="single" in k, two_tower="two" in k)
     timings["total_seconds"] = round(time.perf_counter() - t_stage, 1)
@@ -322,7 +323,7 @@ def table_note(cfg: BaselinesConfig, table: pd.DataFrame, profile: str | None) -
                      f"{'none' if s['val'] == 0 else s['val'] or 'all'}/{s['test'] or 'all'} "
                      f"{'gallery images' if task == 'shapes_retrieval' else 'rows'} (fixed subsets).")
     if "shapes_retrieval" in cfg.tasks:
-        spec = _spec_for("shapes_retrieval", cfg)
+        spec = task_spec("shapes_retrieval", cfg)
         lines.append(f"- retrieval gallery: two-tower presets rank every caption by the contrastive score and "
                      f"re-rank the top {spec.rerank_k} per query with the ITM head; single-stream presets score "
                      f"every pair with the ITM head on the first {spec.gallery_images_single} images (`gallery`). "

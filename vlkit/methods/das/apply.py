@@ -56,7 +56,7 @@ from vlkit.models.protocol import UnitContext, UnknownNameError
 from vlkit.nn.adapters import BottleneckAdapter, SkipAdapter, add_adapters
 
 __all__ = ["SCOPES", "DEFAULT_BOTTLENECK", "candidates", "adapter_slots", "skip_bottleneck_for", "apply_skips",
-           "das_trainable", "SkippableUnit", "SkipSupernet", "check_skip_set"]
+           "apply_das", "das_trainable", "SkippableUnit", "SkipSupernet", "check_skip_set"]
 
 SCOPES = ("fusion", "global")
 DEFAULT_BOTTLENECK = 96  # official kept-block adapter width (ViLT and METER)
@@ -235,6 +235,16 @@ def apply_skips(backbone, names: Iterable[str], *, scope: str = "fusion", kept_b
     if freeze:
         das_trainable(backbone)
     return backbone
+
+
+def apply_das(backbone, *, skip: Sequence[str] = (), scope: str = "fusion", kept_bottleneck: int = DEFAULT_BOTTLENECK,
+              skip_bottleneck: int | None = None, act: str = "relu", init: str = "bert", seed: int = 0):
+    """DAS as a PETL method (``vlkit.methods.petl.apply("das", backbone, skip=[...])``): the
+    final DAS model of :func:`apply_skips` -- ``skip`` replaced by skip adapters, parallel
+    adapters on the kept candidates of ``scope``, and only adapters, poolers and token-type
+    embeddings trainable. ``skip=()`` is DAS's "k = 0" (adapters only). In place."""
+    return apply_skips(backbone, list(skip), scope=scope, kept_bottleneck=kept_bottleneck,
+                       skip_bottleneck=skip_bottleneck, act=act, init=init, seed=seed, inplace=True, freeze=True)
 
 
 # ----------------------------------------------------------------------------- search supernet

@@ -38,6 +38,8 @@ prompt     n prompt tokens after [CLS] (optionally deep, per unit)     Lester et
 lst        ladder side network                                         Sung et al. 2022
 unipt      UniPT side network                                          Diao et al. 2024
 sherl      MTSA + the last pre-trained layer                           Diao et al. 2024
+das        skip adapters for the ``skip`` units, parallel adapters     Wu et al. 2023
+           beside the kept ones, poolers, token-type embeddings
 =========  ==========================================================  =======================
 
 Example::
@@ -71,6 +73,7 @@ METHODS: dict[str, str] = {
     "lst": "vlkit.methods.petl.lst:apply_lst",
     "unipt": "vlkit.methods.petl.unipt:apply_unipt",
     "sherl": "vlkit.methods.sherl:apply_sherl",
+    "das": "vlkit.methods.das.apply:apply_das",
 }
 
 
