@@ -963,7 +963,7 @@ def pretrain_preset(preset: str, cfg: PretrainConfig, corpus: Corpus, val_corpus
               "corpus": spec["corpus"], "wall_s_this_call": round(wall, 1), "cpu_s_this_call": round(cpu, 1),
               "threads": torch.get_num_threads(), "resumed_from_step": resumed,
               "s_per_step": round(wall / (result.step - resumed), 3) if result.step > resumed else None,
-              "params_hash": phash, "history": result.history}
+              "hard_frac": cfg.hard_frac, "params_hash": phash, "history": result.history}
     if not result.finished:
         return PretrainResult(record, model)
     record["val_before"] = before
@@ -1009,7 +1009,10 @@ def write_results(records: list[dict], out_dir: Path) -> None:
                         "wall s": r.get("wall_s_this_call"), "CPU s": r.get("cpu_s_this_call"),
                         "threads": r.get("threads")})
     corpus = ", ".join(f"{n} ({k} pairs)" for n, k in records[0]["corpus"]) if records else ""
-    note = (f"Corpus: {corpus}. Train losses: mean over the last 10% of steps. Val: fixed seeded pairs of the "
+    hard = {r.get("hard_frac") for r in records} - {None}
+    note = (f"Corpus: {corpus}. Train losses: mean over the last 10% of steps"
+            + (f"; a share {hard.pop()} of the training ITM negatives are hard ones" if len(hard) == 1 else "")
+            + ". Val: fixed seeded pairs of the "
             "val splits (half negatives, half of those hard), before pre-training (MiniLM text, random "
             "vision/fusion) and after; 'grounded-word acc': MLM accuracy on the masked colour / shape / size / "
             "relation / number words and easy-VQA answers, with the right images and with every caption paired "
