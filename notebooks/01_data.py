@@ -55,7 +55,7 @@ from vlkit.data.scenes import Scene
 from vlkit.data.shapes import relevance
 from vlkit.data.stage import load_for
 from vlkit.paths import RESULTS_DIR
-from vlkit.results import results_dir, write_table
+from vlkit.results import results_dir, save_figure, write_table
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars in the notebook
 out = Path(results_root or results_dir(profile))
@@ -74,12 +74,6 @@ def png_hashes(ds, *columns):
     return hashes
 
 
-def save(fig, name):
-    path = figures / f"{name}.png"
-    fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return path
-
 # %% [markdown]
 # ## easy-VQA: one shape, one question, one word
 # Real data from the `easy-vqa` package. `val` is carved from the package's train images **by
@@ -93,7 +87,7 @@ for ax, i in zip(axes, np.linspace(0, len(vqa["train"]) - 1, 6).astype(int)):
     ax.imshow(row["image"])
     ax.set_title(textwrap.fill(row["question"], 22) + f"\n→ {row['answer']}", fontsize=8)
     ax.axis("off")
-save(fig, "easyvqa_samples")
+save_figure(fig, figures, "easyvqa_samples")
 print({s: len(d) for s, d in vqa.items()}, "questions;", len(vqa["train"].features["label"].names), "answers")
 
 # %%
@@ -122,7 +116,7 @@ for k, r in enumerate(rows):
     label = nlvr["train"].features["label"].names[ex["label"]]
     edit = f" [edit: {ex['edit']}]" if ex["edit"] else ""
     axes[k, 0].set_title(f"{ex['statement']} → {label}{edit}", fontsize=8, loc="left")
-save(fig, "nlvr_samples")
+save_figure(fig, figures, "nlvr_samples")
 
 # %%
 for s, d in nlvr.items():
@@ -154,7 +148,7 @@ for (ax, tx), r in zip(axes, (0, 1)):
     lines = [f"✓ {c}" for c in ex["captions"]] + [f"✗ {n}  ({a})" for n, a in zip(ex["negatives"],
                                                                                  ex["negative_attribute"])]
     tx.text(0, 0.5, "\n".join(lines), transform=tx.transAxes, fontsize=8, va="center", family="monospace")
-save(fig, "retrieval_samples")
+save_figure(fig, figures, "retrieval_samples")
 
 # %%
 for s, d in ret.items():
@@ -196,7 +190,7 @@ else:
         ax.set_title(m)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
-    save(fig, "pretrain_curves")
+    save_figure(fig, figures, "pretrain_curves")
     print(f"pre-training curves from {curves_path} ({curves['preset'].nunique()} presets)")
 
 # %% [markdown]

@@ -56,7 +56,7 @@ from transformers.utils import logging as hf_logging
 from vlkit import config
 from vlkit.methods.das import candidates
 from vlkit.methods.das.study import paper_gmacs, policy_frame, study_table_a, study_table_b, study_table_c
-from vlkit.results import results_dir, write_json, write_table
+from vlkit.results import results_dir, save_figure, show_table, write_json, write_table
 
 hf_logging.disable_progress_bar()
 out = Path(results_root or results_dir(profile)) / "das"
@@ -65,17 +65,6 @@ cfg = config.resolve("das", profile)
 seed = config.seed()
 print(f"profile {profile}: results -> {out}")
 print("search:", cfg.search_options(), "| training:", {t: cfg.settings(t) for t in cfg.tasks[:1]})
-
-
-def save(fig, name):
-    path = out / f"{name}.png"
-    fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def show(df, cols=None):
-    print((df if cols is None else df[[c for c in cols if c in df]]).to_string(index=False))
 
 
 timings = {}
@@ -101,7 +90,7 @@ if rerun or not (out / "table_a.csv").is_file():
 else:
     table_a, searches = pd.read_csv(out / "table_a.csv"), {}
 timings["table_a"] = round(time.perf_counter() - t0, 1)
-show(table_a, ["task", "backbone", "method", "scope", "k", "skipped", "test", "test_se", "val", "add_gmacs",
+show_table(table_a, ["task", "backbone", "method", "scope", "k", "skipped", "test", "test_se", "val", "add_gmacs",
                "trainable"])
 
 # %%
@@ -127,7 +116,7 @@ ax.set_xlabel("additional GMACs per example (vs un-adapted)")
 ax.set_ylabel("test score (%)")
 ax.set_title("DAS: score against inference cost")
 ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-save(fig, "score_vs_gmacs")
+save_figure(fig, out, "score_vs_gmacs")
 
 # %% [markdown]
 # ## Tab. B: is the policy better than chance?
@@ -148,7 +137,7 @@ if rerun or not (out / "table_b.csv").is_file():
 else:
     table_b, runs_b = pd.read_csv(out / "table_b.csv"), pd.read_csv(out / "table_b_runs.csv")
 timings["table_b"] = round(time.perf_counter() - t0, 1)
-show(table_b)
+show_table(table_b)
 
 # %%
 fig, ax = plt.subplots(figsize=(5.5, 3))
@@ -157,7 +146,7 @@ sns.stripplot(data=runs_b, x="cell", y="test", hue="kind", dodge=True, size=7, a
 ax.set_ylabel("test score (%)")
 ax.set_xlabel("")
 ax.set_title("DAS seeds vs random skip sets")
-save(fig, "das_vs_random")
+save_figure(fig, out, "das_vs_random")
 assert set(table_b.verdict) <= {"DAS", "random", "tie"}
 
 # %% [markdown]
@@ -187,7 +176,7 @@ for ax, (b, t, scope, k, sd) in zip(axes.flat, first_seed):
         ax.legend(fontsize=5, ncol=2)
 for ax in list(axes.flat)[len(first_seed):]:
     ax.axis("off")
-save(fig, "policy_trajectories")
+save_figure(fig, out, "policy_trajectories")
 assert policy.p.between(0, 1).all()
 
 # %% [markdown]
@@ -208,7 +197,7 @@ if rerun or not (out / "table_c.csv").is_file():
 else:
     table_c = pd.read_csv(out / "table_c.csv")
 timings["table_c"] = round(time.perf_counter() - t0, 1)
-show(table_c, ["method", "k", "skipped", "test", "test_se", "macro_f1", "trainable", "gmacs", "add_gmacs"])
+show_table(table_c, ["method", "k", "skipped", "test", "test_se", "macro_f1", "trainable", "gmacs", "add_gmacs"])
 das_c = table_c[table_c.method == "das"].sort_values("k")
 assert das_c.add_gmacs.is_monotonic_decreasing and (das_c.add_gmacs < 0).all()
 
@@ -225,7 +214,7 @@ write_table(pg, "paper_gmacs", out, note="Additional GMACs vs the un-adapted mod
             "input sizes; `trainable (M)`: DAS's trainable parameters (adapters, poolers, token-type embeddings; "
             "no task head).")
 timings["paper_gmacs"] = round(time.perf_counter() - t0, 1)
-show(pg)
+show_table(pg)
 for (p, scope), g in pg.groupby(["preset", "scope"]):
     assert g.sort_values("k").add_gmacs.is_monotonic_decreasing, (p, scope)
 

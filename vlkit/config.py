@@ -44,6 +44,8 @@ STAGES: dict[str, str] = {
     "pretrain": "vlkit.pretrain:PretrainConfig",
     "baselines": "vlkit.tasks.baselines:BaselinesConfig",
     "das": "vlkit.methods.das.study:DASConfig",
+    "evlm": "vlkit.methods.evlm.study:EVLMConfig",
+    "sherl": "vlkit.methods.sherl_study:SHERLConfig",
 }
 
 

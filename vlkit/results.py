@@ -74,3 +74,29 @@ def stage_timer(stage: str, profile: str, results_dir: str | Path | None = None)
     yield
     write_json({"stage": stage, "profile": profile, "wall_s": round(time.perf_counter() - t0, 1)},
                f"timings/{stage}.{profile}", results_dir)
+
+
+def save_figure(fig, folder: str | Path, name: str, dpi: int = 80) -> Path:
+    """Save a matplotlib figure as ``<folder>/<name>.png`` atomically (temporary sibling +
+    ``os.replace``), without the software/date metadata that would make equal figures differ,
+    and close it (notebooks draw many)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(folder) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def show_table(df: pd.DataFrame, columns=None) -> None:
+    """Print ``df`` without its index, restricted to the ``columns`` it has (all when ``None``)."""
+    print((df if columns is None else df[[c for c in columns if c in df]]).to_string(index=False))

@@ -55,6 +55,12 @@ For co-attention units (METER ``FV{i}`` reads the text stream *as it was before*
 context features exclude the units of the late unit's own depth, and the regulated context
 replaces the depth snapshot the unit reads.
 
+Late regulation ablation (``late_unit=False``): the merged features go straight to ``finalize``
+(pooler / final norm) and the task head; the last pre-trained unit is not run at all. The
+prefix, the shallow features and the MTSA are those of the default (``insert_last=1``), so
+the only difference is the late route through the frozen last unit. Only for ``insert_last=1``
+and without a regulated context (there is no late unit to read it).
+
 Dropout: the backbone always runs in eval mode (the frozen prefix must, to be cacheable);
 ``late_dropout=True`` lets the late units follow the wrapper's train/eval mode as in the
 official code (which trains with the backbone's dropout on).
@@ -104,7 +110,7 @@ class SHERL(FrozenPrefixModel):
 
     def __init__(self, backbone: Backbone, *, reduction: int = 8, aggregator: str = "mtsa", score: str = "inner",
                  insert_last: int = 1, features: str = "units", regulate_context: bool | None = None,
-                 norm: bool = False, late_dropout: bool = False, seed: int = 0):
+                 norm: bool = False, late_dropout: bool = False, seed: int = 0, late_unit: bool = True):
         if not isinstance(backbone, Backbone):
             raise TypeError(f"SHERL needs a vlkit Backbone (vlkit.models.build(...)), got {type(backbone).__name__}")
         specs = backbone.specs
@@ -120,6 +126,15 @@ class SHERL(FrozenPrefixModel):
             raise UnknownNameError("feature set", features, FEATURES)
         if isinstance(insert_last, bool) or not isinstance(insert_last, int) or not 1 <= insert_last <= n - 1:
             raise ValueError(f"insert_last must be an int in [1, {n - 1}] for {n} units, got {insert_last!r}")
+        if not isinstance(late_unit, bool):
+            raise ValueError(f"late_unit must be True or False, got {late_unit!r}")
+        if not late_unit and insert_last != 1:
+            raise ValueError(f"late_unit=False (no late pre-trained unit) needs insert_last=1, got {insert_last}")
+        if not late_unit and regulate_context:
+            raise ValueError("late_unit=False runs no late unit, so there is no context to regulate: "
+                             "regulate_context must be None or False")
+        if not late_unit:
+            regulate_context = False
         stop = n - insert_last
         late = specs[stop:]
         stream = late[-1].stream
@@ -168,13 +183,14 @@ class SHERL(FrozenPrefixModel):
         self.late_names = [s.name for s in late]
         self.late_depth = late[0].depth
         self.late_dropout = bool(late_dropout)
+        self.late_unit = late_unit
         self.options = dict(reduction=reduction, aggregator=aggregator, score=score, insert_last=insert_last,
                             features=features, regulate_context=bool(regulate_context), norm=norm,
-                            late_dropout=self.late_dropout, seed=seed)
+                            late_dropout=self.late_dropout, seed=seed, late_unit=late_unit)
         self.train(self.training)
 
     def _late_modules(self):
-        if not getattr(self, "late_dropout", False):
+        if not getattr(self, "late_dropout", False) or not getattr(self, "late_unit", True):
             return ()
         return [self.backbone.unit(name) for name in self.late_names]
 
@@ -196,6 +212,9 @@ class SHERL(FrozenPrefixModel):
             # is already open, else the stream itself (run_unit snapshots it then)
             src = state.snapshots if (self.late_depth is not None and state.depth == self.late_depth) else state.streams
             src[self.context] = self.context_mtsa([record[k] for k in self.context_keys], src[self.context])
+        if not self.late_unit:  # ablation: the merged features are the final features
+            state.streams[self.stream] = self.mtsa[0](feats, state.streams[self.stream])
+            return bb.finalize(state)
         outs: list[torch.Tensor] = []
         for j, name in enumerate(self.late_names):
             state.streams[self.stream] = self.mtsa[j](feats + outs, state.streams[self.stream])
@@ -207,7 +226,7 @@ class SHERL(FrozenPrefixModel):
 
 def apply_sherl(backbone: Backbone, *, reduction: int = 8, aggregator: str = "mtsa", score: str = "inner",
                 insert_last: int = 1, features: str = "units", regulate_context: bool | None = None,
-                norm: bool = False, late_dropout: bool = False, seed: int = 0) -> SHERL:
+                norm: bool = False, late_dropout: bool = False, seed: int = 0, late_unit: bool = True) -> SHERL:
     """SHERL (Diao et al., ECCV 2024) around ``backbone``, which is frozen in place.
 
     Options (paper defaults):
@@ -224,6 +243,8 @@ def apply_sherl(backbone: Backbone, *, reduction: int = 8, aggregator: str = "mt
       with >= 2 features, e.g. T5's encoder): an MTSA for that context as well.
     * ``norm`` (False): LayerNorm after the MTSA's up-projection; ``late_dropout`` (False):
       dropout in the late units during training; ``seed``: MTSA initialisation.
+    * ``late_unit`` (True): ``False`` is the late-regulation ablation -- the MTSA output goes
+      straight to ``finalize``, the last pre-trained unit is not run (needs ``insert_last=1``).
 
     Returns a :class:`SHERL` module: ``forward(**inputs) -> BackboneOutput``; only MTSA
     parameters are trainable. Errors: fewer than 2 units, an unknown aggregator / score /
@@ -231,4 +252,4 @@ def apply_sherl(backbone: Backbone, *, reduction: int = 8, aggregator: str = "mt
     """
     return SHERL(backbone, reduction=reduction, aggregator=aggregator, score=score, insert_last=insert_last,
                  features=features, regulate_context=regulate_context, norm=norm, late_dropout=late_dropout,
-                 seed=seed)
+                 seed=seed, late_unit=late_unit)

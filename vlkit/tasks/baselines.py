@@ -41,7 +41,7 @@ from vlkit.models.protocol import UnknownNameError
 from .runner import TASKS, RetrievalTask, finetune, get_task
 
 __all__ = ["BaselinesConfig", "TASK_SETTING_KEYS", "run_baselines", "load_backbone", "load_task_data", "task_spec",
-           "train_config_for", "table_row", "chance_rows", "main"]
+           "train_config_for", "table_row", "chance_rows", "cached_backbone", "cached_task_data", "main"]
 
 TASK_SETTING_KEYS = ("train", "val", "test", "epochs", "steps", "lr", "probe_lr", "probe_epochs", "batch_size",
                      "text_len", "head_lr_mult", "warmup")
@@ -162,8 +162,30 @@ def load_backbone(preset: str, cfg: BaselinesConfig, built: dict | None = None) 
     return build(preset, **kw), "no"
 
 
+def cached_backbone(name: str, cfg: BaselinesConfig, cache: dict) -> tuple[torch.nn.Module, str]:
+    """:func:`load_backbone` once per ``name`` per ``cache`` (a dict the caller keeps across
+    tables; the ``xvlm-mini`` teacher built there is reused for ``xvlm-mini-half``). Callers
+    fine-tune deep copies, so the cached backbone stays the pre-trained one."""
+    key = ("backbone", name)
+    if key not in cache:
+        built = {k[1]: v[0] for k, v in cache.items() if isinstance(k, tuple) and k[0] == "backbone"}
+        cache[key] = load_backbone(name, cfg, built)
+    return cache[key]
+
+
+def cached_task_data(task: str, cfg: BaselinesConfig, profile: str | None, cache: dict) -> dict:
+    """:func:`load_task_data` once per ``task`` per ``cache``."""
+    key = ("data", task)
+    if key not in cache:
+        cache[key] = load_task_data(task, cfg, profile)
+    return cache[key]
+
+
 # ---------------------------------------------------------------------------- rows
 def train_config_for(s: dict, n_train: int, linear: bool, seed: int):
+    """The :class:`vlkit.train.TrainConfig` of one row: settings ``s`` (:meth:`BaselinesConfig.settings`)
+    on ``n_train`` examples -- ``probe_epochs`` at ``probe_lr`` for a linear probe, else
+    ``steps`` (or ``epochs`` over the data) at ``lr`` with linear warm-up and decay."""
     from vlkit.train import TrainConfig
 
     bs = min(int(s["batch_size"]), n_train)

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from vlkit.models.protocol import UnknownNameError
-from vlkit.tasks.baselines import (BaselinesConfig, load_backbone, load_task_data, table_row, task_spec,
+from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, table_row, task_spec,
                                    train_config_for)
 from vlkit.tasks.runner import ClassifyTask, TaskModel, finetune
 
@@ -217,9 +217,9 @@ def study_table_a(cfg: DASConfig, profile: str | None, *, seed: int = 0, log: Ca
     cache = cache if cache is not None else {}
     rows, policy, searches = [], [], {}
     for b in cfg.backbones:
-        base, pretrained = _backbone(b, cfg, cache)
+        base, pretrained = cached_backbone(b, cfg, cache)
         for t in cfg.tasks:
-            spec, s, data = task_spec(t, cfg), cfg.settings(t), _data(t, cfg, profile, cache)
+            spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
             plain = cell_gmacs(spec, base, data)
             for method in ["das"] + (["full"] if cfg.full else []):  # k = 0 (adapters only), full fine-tuning
                 scope = cfg.scopes_of(b)[0]
@@ -262,8 +262,8 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
     cache = cache if cache is not None else {}
     runs, summary = [], []
     for b, t, scope, k in cfg.headline:
-        base, pretrained = _backbone(b, cfg, cache)
-        spec, s, data = task_spec(t, cfg), cfg.settings(t), _data(t, cfg, profile, cache)
+        base, pretrained = cached_backbone(b, cfg, cache)
+        spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
         for sd in cfg.seeds:
             key = (b, t, scope, k, sd)
             if key not in searches:
@@ -309,8 +309,8 @@ def study_table_c(cfg: DASConfig, profile: str | None, *, seed: int = 0, log: Ca
     ``text_methods``; updated parameters and GMACs per example. Returns ``(table, policy)``."""
     cache = cache if cache is not None else {}
     b, t = cfg.text_backbones[0], cfg.text_tasks[0]
-    base, pretrained = _backbone(b, cfg, cache)
-    spec, s, data = task_spec(t, cfg), cfg.settings(t), _data(t, cfg, profile, cache)
+    base, pretrained = cached_backbone(b, cfg, cache)
+    spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
     plain = cell_gmacs(spec, base, data)
     rows, policy = [], []
     for m in cfg.text_methods:
@@ -358,19 +358,6 @@ def paper_gmacs(cfg: DASConfig) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _backbone(name: str, cfg: DASConfig, cache: dict):
-    key = ("backbone", name)
-    if key not in cache:
-        built = {k[1]: v[0] for k, v in cache.items() if k[0] == "backbone"}
-        cache[key] = load_backbone(name, cfg, built)
-    return cache[key]
-
-
-def _data(task: str, cfg: DASConfig, profile: str | None, cache: dict) -> dict:
-    key = ("data", task)
-    if key not in cache:
-        cache[key] = load_task_data(task, cfg, profile)
-    return cache[key]
 
 
 def _order(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,9 +1,12 @@
 """EfficientVLM: distilling then pruning (Wang et al., ACL Findings 2023).
 
-This package holds the pruning half: hard-concrete gates on the heads and FFN units of any
-protocol backbone (:mod:`.gating`, following CoFi, Xia et al. 2022) and the physical removal
-of what the gates close (:mod:`.prune`), so the pruned model is a smaller dense model whose
-outputs equal the masked model's.
+This package holds both halves: task-time and pre-training distillation of a layer-halved
+student (:mod:`.distill`, TinyBERT-style attention / hidden / logits losses), hard-concrete
+gates on the heads and FFN units of any protocol backbone (:mod:`.gating`, following CoFi, Xia
+et al. 2022) and the physical removal of what the gates close (:mod:`.prune`), so the pruned
+model is a smaller dense model whose outputs equal the masked model's. The study that
+rebuilds the paper's tables on the mini models is :mod:`.study` (not imported here: it pulls
+in the task runners).
 
 Typical flow::
 
@@ -15,6 +18,8 @@ Typical flow::
     save_pruned(small, "out/"); small2 = load_pruned(preset, "out/")
 """
 
+from .distill import (DistillConfig, Distiller, HiddenProjection, attention_loss, distill_loss, hidden_loss,
+                      layer_pairs, logits_loss)
 from .gating import DEFAULT_INIT, GateSet, attach_gates
 from .prune import (MASK_KEYS, apply_masks, check_masks, clear_masks, ffn_unit_cost, head_cost, load_pruned,
                     masked_copy, prunable_units, prune, pruning_spec, removed_params, reshape_to_spec,
@@ -22,4 +27,5 @@ from .prune import (MASK_KEYS, apply_masks, check_masks, clear_masks, ffn_unit_c
 
 __all__ = ["GateSet", "attach_gates", "DEFAULT_INIT", "MASK_KEYS", "prune", "masked_copy", "apply_masks",
            "clear_masks", "check_masks", "removed_params", "head_cost", "ffn_unit_cost", "prunable_units",
-           "pruning_spec", "reshape_to_spec", "save_pruned", "load_pruned"]
+           "pruning_spec", "reshape_to_spec", "save_pruned", "load_pruned", "DistillConfig", "Distiller",
+           "distill_loss", "layer_pairs", "attention_loss", "hidden_loss", "logits_loss", "HiddenProjection"]

@@ -125,7 +125,7 @@ class GateSet(nn.Module):
             return gate.sample(self.generator)
         return gate.mask()
 
-    def _apply(self, name: str, layer: TransformerLayer, args) -> None:
+    def _set_gates(self, name: str, layer: TransformerLayer, args) -> None:
         gates, training = self.gates[name], layer.training
         for key in unit_keys(layer):
             entry = gates[key] if key in gates else None
@@ -160,7 +160,7 @@ class GateSet(nn.Module):
         layer._evlm_gated = True
 
     def _pre_hook(self, name, layer, args):
-        self._apply(name, layer, args)
+        self._set_gates(name, layer, args)
 
     def _post_hook(self, layer, args, output):
         self._clear(layer)
