@@ -1169,7 +1169,7 @@ def helps(profile: str | None = None, presets: Sequence[str] | None = None) -> "
     sets = {t: bcfg.settings(t) for t in cfg.helps_tasks}
     note = (f"Profile `{profile}`. Full fine-tuning with equal budgets (params.yaml `baselines` settings: " +
             "; ".join(f"{t}: train {s['train'] or 'all'}, {s['steps'] or str(s['epochs']) + ' epoch(s)'} at lr "
-                      f"{s['lr']} (head x{s['head_lr_mult']}), val/test {s['val'] or 'all'}/{s['test'] or 'all'}"
+                      f"{s['lr']} (head x{s['head_lr_mult']}), val/test {'none' if s['val'] == 0 else s['val'] or 'all'}/{s['test'] or 'all'}"
                       for t, s in sets.items()) +
             ") from the pre-trained backbone (`pre`: runs/pretrain/<preset>/final) and from the same "
             "architecture without in-repo pre-training (`none`: MiniLM text, EfficientNet cells, random "
