@@ -69,7 +69,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlkit.bench_io import write_bench
-from vlkit.efficiency import device_name, device_tag, latency, params, peak_memory
+from vlkit.efficiency import autograd_saved_bytes, device_name, device_tag, latency, params, peak_memory
 from vlkit.methods.feature_cache import PrefixCache
 from vlkit.methods.petl import apply
 from vlkit.models import build
@@ -132,27 +132,11 @@ if os.environ.get(WARMUP_ENV) == "1":  # set by memory_rows for its peak-memory 
     _warm_up()
 
 
-def _saved_bytes(fn, model: nn.Module) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs, the
-    model's parameters excluded: the activation memory a method keeps between forward and
-    backward (deterministic, unlike a process's peak; the graph is freed on return)."""
-    sizes: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        sizes[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in sizes.items() if ptr not in weights)
-
-
 def saved_bytes(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LEN, device: str = "cpu",
                 seed: int = 0) -> int:
     """Autograd-saved bytes of one training forward of ``method`` on ``preset`` (see
-    :func:`_saved_bytes`). Run in the parent, not in the peak-memory child: an extra forward
-    there would change the child's allocation history and so its CPU peak."""
+    :func:`vlkit.efficiency.autograd_saved_bytes`). Run in the parent, not in the peak-memory child:
+    an extra forward there would change the child's allocation history and so its CPU peak."""
     torch.manual_seed(seed)
     backbone = build(preset)
     model = apply(method, backbone).to(device).train()
@@ -161,7 +145,7 @@ def saved_bytes(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
         width = model(**{k: v[:1] for k, v in inputs.items()}).pooled.shape[-1]
     head = nn.Linear(width, 2).to(device)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    n = _saved_bytes(lambda: nn.functional.cross_entropy(head(model(**inputs).pooled), labels), model)
+    n = autograd_saved_bytes(lambda: nn.functional.cross_entropy(head(model(**inputs).pooled), labels), model)
     del model, backbone
     gc.collect()
     return n

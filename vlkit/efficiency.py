@@ -70,7 +70,7 @@ GIGA = 10**9  # MACs in a GMAC (compute)
 
 __all__ = [
     "GIB", "GIGA", "params", "macs", "unit_macs", "transformer_layer_macs", "gmacs", "efficiency_table",
-    "latency", "peak_memory", "PeakMemoryError", "device_tag", "device_name",
+    "latency", "peak_memory", "PeakMemoryError", "autograd_saved_bytes", "device_tag", "device_name",
 ]
 
 
@@ -355,6 +355,25 @@ def latency(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, device
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
     }
+
+
+# ----------------------------------------------------------------------------- saved activations
+def autograd_saved_bytes(fn: Callable[[], Any], model: nn.Module) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs, the
+    parameters of ``model`` excluded: the activation memory a method keeps between forward and
+    backward (deterministic, unlike a process's peak; a storage shared by several saved
+    tensors counts once; the graph is freed when ``fn``'s result is dropped)."""
+    sizes: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in sizes.items() if ptr not in weights)
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -16,9 +16,10 @@ from vlkit import config
 from vlkit.efficiency import params
 from vlkit.methods.petl import apply
 from vlkit.methods.sherl import apply_sherl
-from vlkit.methods.sherl_study import (autograd_saved_bytes, canonical_options, late_options, memory_accounting,
-                                       memory_batch, seed_summary, split_measured, study_aggregators, study_late,
-                                       study_reduction, study_tab1, train_step_memory, with_measured)
+from vlkit.efficiency import autograd_saved_bytes
+from vlkit.methods.sherl_study import (canonical_options, late_options, memory_accounting, memory_batch, seed_summary,
+                                       split_measured, study_aggregators, study_late, study_reduction, study_tab1,
+                                       train_step_memory, with_measured)
 from vlkit.models import build
 from vlkit.models.protocol import UnknownNameError
 from vlkit.tasks.runner import TaskModel, get_task

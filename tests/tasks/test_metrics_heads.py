@@ -56,3 +56,9 @@ def test_contrastive_loss_limits():
     # identical embeddings for every pair -> loss = log(batch)
     same = torch.ones(4, 3)
     assert heads.contrastive_loss(same, same) == pytest.approx(math.log(4), rel=1e-5)
+
+
+def test_seed_sd_hand_worked():
+    # scores 70, 72, 77: mean 73, squared deviations 9 + 1 + 16 = 26, / (3 - 1) = 13
+    assert metrics.seed_sd([70, 72, 77]) == pytest.approx(math.sqrt(13))
+    assert metrics.seed_sd([81.2]) == 0.0 and metrics.seed_sd([]) == 0.0

@@ -16,7 +16,8 @@ What each table holds (``results/sherl/``; ``runs/results-ci/sherl/`` under ``ci
   - the **accounted** memory (deterministic; :func:`memory_accounting`) of one training step
     on the memory batch: weights (every parameter, fp32) + gradients and AdamW's two moments
     (3 x the trainable parameters) + the bytes autograd saves for backward in one training
-    forward (:func:`autograd_saved_bytes`, weights excluded) -- ``est_mib`` and ``saved_mib``;
+    forward (:func:`vlkit.efficiency.autograd_saved_bytes`, weights excluded) -- ``est_mib`` and
+    ``saved_mib``;
   - the **measured** peak (:func:`measure_peak`): a fresh subprocess per configuration
     (:func:`vlkit.efficiency.peak_memory`, the way ``bench/bench_memory.py`` measures) runs two
     training steps of the same model, head and batch; peak RSS minus RSS after the imports,
@@ -63,17 +64,17 @@ from typing import Callable, Mapping
 
 import pandas as pd
 import torch
-from torch import nn
 
-from vlkit.efficiency import params
+from vlkit.efficiency import autograd_saved_bytes, params
 from vlkit.models.protocol import UnknownNameError
 from vlkit.nn.mtsa import AGGREGATORS
 from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, table_row, task_spec,
                                    train_config_for)
+from vlkit.tasks.metrics import seed_sd
 from vlkit.tasks.runner import TaskModel, finetune, get_task
 
 __all__ = ["SHERLConfig", "TABLE_METHODS", "MEASURED", "canonical_options", "late_options", "memory_batch",
-           "autograd_saved_bytes", "memory_accounting", "measure_peak", "train_step_memory", "run_cell",
+           "memory_accounting", "measure_peak", "train_step_memory", "run_cell",
            "study_tab1", "study_headline", "seed_summary", "study_aggregators", "study_reduction", "study_late",
            "split_measured", "with_measured"]
 
@@ -252,32 +253,13 @@ def memory_batch(data, spec, batch_size: int, text_len: int) -> dict:
     return batch
 
 
-def autograd_saved_bytes(fn: Callable[[], object], model: nn.Module) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs, the
-    parameters of ``model`` excluded: the activation memory a method keeps between forward and
-    backward (deterministic, unlike a process's peak). The same accounting as
-    ``bench/bench_memory.py``'s ``_saved_bytes`` (a storage shared by several saved tensors
-    counts once)."""
-    sizes: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        sizes[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in sizes.items() if ptr not in weights)
-
-
 def memory_accounting(spec, model: TaskModel, batch: dict) -> dict:
     """Deterministic training memory of ``model`` (backbone/method + head) on ``batch``, MiB:
 
     ``weights_mib`` every parameter; ``states_mib`` gradients + AdamW's two moments of the
     trainable parameters (3 x their bytes); ``saved_mib`` what autograd saves in one training
-    forward (:func:`autograd_saved_bytes`); ``est_mib`` their sum -- the steady-state lower
-    bound of a training step (no allocator slack, no transient buffers)."""
+    forward (:func:`vlkit.efficiency.autograd_saved_bytes`); ``est_mib`` their sum -- the
+    steady-state lower bound of a training step (no allocator slack, no transient buffers)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     states = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     was = model.training
@@ -521,7 +503,7 @@ def seed_summary(runs: pd.DataFrame, methods=("full", "sherl")) -> pd.DataFrame:
     for (t, b), cell in runs.groupby(["task", "backbone"], sort=False):
         stats = {}
         for m, g in cell.groupby("method", sort=False):
-            sd = float(g.test.std(ddof=1)) if len(g) > 1 else 0.0
+            sd = seed_sd(g.test)
             stats[m] = (float(g.test.mean()), sd, float(g.test_se.mean()))
             rows.append({"task": t, "backbone": b, "method": m, "runs": len(g), "seeds": " ".join(map(str, g.seed)),
                          "mean": round(stats[m][0], 2), "sd": round(sd, 2), "test SE": round(stats[m][2], 2),

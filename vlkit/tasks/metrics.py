@@ -6,7 +6,8 @@
 * :func:`macro_f1` -- unweighted mean of per-class F1 (text classification);
 * :func:`recall_at_k` -- image->text and text->image R@K from a score matrix, where each image
   owns several captions (Flickr30K/COCO protocol: an image query is a hit when *any* of its
-  captions ranks in the top K; a caption query is a hit when its image ranks in the top K).
+  captions ranks in the top K; a caption query is a hit when its image ranks in the top K);
+* :func:`seed_sd` -- the spread of one score over seeds (sample SD, ddof 1; 0 for one run).
 """
 
 from __future__ import annotations
@@ -75,3 +76,13 @@ def recall_at_k(scores: torch.Tensor, caption_to_image: Sequence[int], ks: Seque
         out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
     out["rsum"] = sum(v for key, v in out.items() if key.startswith(("i2t", "t2i")))
     return out
+
+
+def seed_sd(scores) -> float:
+    """Sample standard deviation (``ddof=1``) of one score over seeds or runs; 0.0 for a
+    single run (no spread measured)."""
+    xs = [float(x) for x in scores]
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))

@@ -379,9 +379,7 @@ class ClassifyTask(TaskSpec):
     def load(self, split: str, *, limit: int | None = None, seed: int = 0, knobs: dict | None = None,
              profile: str | None = None, features: str = "cache", image_size: int = 128,
              text_len: int | None = None, **extra) -> TaskData:
-        if extra:
-            raise UnknownNameError(f"{self.name} data option", next(iter(extra)),
-                                   ["limit", "seed", "knobs", "profile", "features", "image_size", "text_len"])
+        self._no_extra_options(extra)
         ds, seed, knobs = self.source(split, seed=seed, knobs=knobs, profile=profile)
         rows = subset_rows(len(ds), limit, seed, self.name, split)
         n_len = text_len or self.text_len
@@ -403,8 +401,17 @@ class ClassifyTask(TaskSpec):
     def encode(self, model: TaskModel, batch: dict) -> dict:
         return {"pooled": model(**self.inputs(batch)).pooled}
 
+    def _no_extra_options(self, extra: dict) -> None:
+        if extra:
+            raise UnknownNameError(f"{self.name} data option", next(iter(extra)),
+                                   ["limit", "seed", "knobs", "profile", "features", "image_size", "text_len"])
+
+    def logits(self, head: nn.Module, enc: dict) -> torch.Tensor:
+        """Class logits of the head on :meth:`encode`'s output."""
+        return head(enc["pooled"])
+
     def head_loss(self, head: nn.Module, enc: dict, batch: dict) -> dict:
-        logits = head(enc["pooled"])
+        logits = self.logits(head, enc)
         return {"loss": F.cross_entropy(logits, batch["labels"]),
                 "acc": (logits.argmax(-1) == batch["labels"]).float().mean()}
 
@@ -412,7 +419,7 @@ class ClassifyTask(TaskSpec):
         preds = []
         with _eval_mode(model):
             for batch in data.batches(batch_size):
-                preds.append(model.head(self.encode(model, batch)["pooled"]).argmax(-1))
+                preds.append(self.logits(model.head, self.encode(model, batch)).argmax(-1))
         return torch.cat(preds)
 
     def _metrics(self, pred, target) -> dict:
@@ -442,9 +449,7 @@ class NLVRTask(ClassifyTask):
     def load(self, split: str, *, limit: int | None = None, seed: int = 0, knobs: dict | None = None,
              profile: str | None = None, features: str = "cache", image_size: int = 128,
              text_len: int | None = None, **extra) -> TaskData:
-        if extra:
-            raise UnknownNameError(f"{self.name} data option", next(iter(extra)),
-                                   ["limit", "seed", "knobs", "profile", "features", "image_size", "text_len"])
+        self._no_extra_options(extra)
         ds, seed, knobs = self.source(split, seed=seed, knobs=knobs, profile=profile)
         rows = subset_rows(len(ds), limit, seed, self.name, split, groups=ds["group"])
         sub = ds.select(rows)
@@ -467,18 +472,8 @@ class NLVRTask(ClassifyTask):
             out[side] = model(**x).pooled
         return out
 
-    def head_loss(self, head: nn.Module, enc: dict, batch: dict) -> dict:
-        logits = head(enc["left"], enc["right"])
-        return {"loss": F.cross_entropy(logits, batch["labels"]),
-                "acc": (logits.argmax(-1) == batch["labels"]).float().mean()}
-
-    def predict(self, model: TaskModel, data: TaskData, batch_size: int = 64) -> torch.Tensor:
-        preds = []
-        with _eval_mode(model):
-            for batch in data.batches(batch_size):
-                enc = self.encode(model, batch)
-                preds.append(model.head(enc["left"], enc["right"]).argmax(-1))
-        return torch.cat(preds)
+    def logits(self, head: nn.Module, enc: dict) -> torch.Tensor:
+        return head(enc["left"], enc["right"])
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from torch import nn
 
 from vlkit.models.protocol import UnitContext, UnknownNameError
 from vlkit.nn.adapters import BottleneckAdapter, SkipAdapter, add_adapters
+from vlkit.seeding import seeded
 
 __all__ = ["SCOPES", "DEFAULT_BOTTLENECK", "candidates", "adapter_slots", "skip_bottleneck_for", "apply_skips",
            "apply_das", "das_trainable", "SkippableUnit", "SkipSupernet", "check_skip_set"]
@@ -175,18 +176,10 @@ def das_trainable(backbone, *extra: nn.Module | None) -> list[str]:
 
 
 def _seeded(seed: int | None):
-    """Adapters are drawn from a private CPU RNG stream when ``seed`` is given (the global RNG
-    is left as it was), from the global one otherwise."""
-    if seed is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def ctx():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-
-    return ctx()
+    """Adapters are drawn from a private CPU RNG stream when ``seed`` is given
+    (:func:`vlkit.seeding.seeded`: the global RNG is left as it was), from the global one
+    otherwise."""
+    return contextlib.nullcontext() if seed is None else seeded(seed)
 
 
 # ----------------------------------------------------------------------------- final model

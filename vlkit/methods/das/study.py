@@ -44,8 +44,10 @@ import pandas as pd
 import torch
 
 from vlkit.models.protocol import UnknownNameError
+from vlkit.seeding import seeded
 from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, table_row, task_spec,
                                    train_config_for)
+from vlkit.tasks.metrics import seed_sd
 from vlkit.tasks.runner import ClassifyTask, TaskModel, finetune
 
 from .apply import SCOPES, apply_das, candidates
@@ -142,8 +144,7 @@ def _task_loss(spec):
 
 
 def _head(spec, backbone, data, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return spec.make_head(spec.dims(backbone, data["train"]))
 
 
@@ -292,13 +293,13 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
             log(f"random {t:12s} {b:10s} {scope:6s} k={k} #{j}: skip {' '.join(names):12s} test {row['test']:6.2f}")
         cell = pd.DataFrame([r for r in runs if (r["backbone"], r["task"], r["scope"], r["k"]) == (b, t, scope, k)])
         das, rnd = cell[cell.kind == "DAS"], cell[cell.kind == "random"]
-        sd_d, sd_r = float(das.test.std(ddof=1)) if len(das) > 1 else 0.0, float(rnd.test.std(ddof=1)) if len(rnd) > 1 else 0.0
+        sd_d, sd_r = seed_sd(das.test), seed_sd(rnd.test)
         summary.append({"backbone": b, "task": t, "scope": scope, "k": k,
                         "DAS mean": round(das.test.mean(), 2), "DAS sd": round(sd_d, 2), "DAS runs": len(das),
                         "DAS sets": "; ".join(sorted(set(das.skipped))),
                         "random mean": round(rnd.test.mean(), 2), "random sd": round(sd_r, 2), "random runs": len(rnd),
                         "random sets": "; ".join(rnd.skipped), "test SE": round(float(cell.test_se.mean()), 2),
-                        "n_test": int(data["test"].__len__()),
+                        "n_test": len(data["test"]),
                         "verdict": verdict(das.test.mean(), sd_d, rnd.test.mean(), sd_r, float(cell.test_se.mean()))})
     return pd.DataFrame(summary), pd.DataFrame(runs)
 

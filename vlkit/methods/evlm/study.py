@@ -109,6 +109,7 @@ from torch import nn
 
 from vlkit.models.protocol import UnknownNameError
 from vlkit.tasks.baselines import BaselinesConfig, load_backbone, load_task_data, task_spec, train_config_for
+from vlkit.tasks.metrics import seed_sd
 from vlkit.tasks.runner import ClassifyTask, NLVRTask, TaskModel, finetune
 
 from .distill import DistillConfig, Distiller, _run, logits_loss
@@ -733,7 +734,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for (task, method), g in runs.groupby(["task", "method"], sort=False):
         r = {"task": task, "method": method, "scope": g["scope"].iloc[0], "target": g["target"].iloc[0],
              "test": round(float(g.test.mean()), 2),
-             "test_sd": round(float(g.test.std(ddof=1)) if len(g) > 1 else 0.0, 2),
+             "test_sd": round(seed_sd(g.test), 2),
              "test_se": round(float(g.test_se.mean()), 2), "seeds": len(g)}
         for c in SUMMARY_COLS:
             if c in g:
