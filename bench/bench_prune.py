@@ -34,27 +34,16 @@ import time
 
 import torch
 
+from bench._common import contended, loadavg, rotated
 from vlkit.bench_io import write_bench
 from vlkit.efficiency import device_name, device_tag, latency, macs, params
-from vlkit.methods.evlm import prune
+from vlkit.methods.evlm import prune, uniform_masks
 from vlkit.models import build
 
 BENCH = "prune_bert"
 PRESET = "bert-base"
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 TARGET_SPEEDUP_50 = 1.8
-
-
-def uniform_masks(backbone, sparsity: float) -> dict:
-    """Keep the first ``round((1 - s) * H)`` heads and ``round((1 - s) * d_ff)`` FFN units of every unit."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    masks = {}
-    for u in backbone.units:
-        h, f = u.module.attn.num_heads, u.module.ffn.fc1.out_features
-        masks[u.name] = {"heads": torch.arange(h) < round((1 - sparsity) * h),
-                         "ffn": torch.arange(f) < round((1 - sparsity) * f)}
-    return masks
 
 
 def build_models(sparsities=SPARSITIES, seed: int = 0) -> dict[float, torch.nn.Module]:
@@ -91,7 +80,7 @@ def time_models(models: dict, inputs: dict, device: str, rounds: int, repeats: i
     for k in keys:
         latency(caller(models[k]), warmup=warmup, repeats=1, device=device)
     for r in range(rounds):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = rotated(keys, r)
         for k in order:
             res = latency(caller(models[k], cpu[k]), warmup=0, repeats=repeats, device=device,
                           dtype=torch.float32, batch_size=batch)
@@ -108,15 +97,9 @@ def time_models(models: dict, inputs: dict, device: str, rounds: int, repeats: i
     return out
 
 
-def contended(load: float | None) -> bool | None:
-    """True when the 1-minute load average exceeds the CPU count: other processes then share
-    the cores and wall-clock ratios are unreliable (rerun on an idle machine)."""
-    return None if load is None else load > (os.cpu_count() or 1)
-
-
 def run_device(device: str, models: dict, seq_len: int, batch: int, rounds: int, repeats: int, warmup: int,
                macs_per_seq: dict, results_dir=None) -> dict:
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = loadavg()
     moved = {k: m.to(device) for k, m in models.items()}
     inputs = {k: v.to(device) for k, v in models[0.0].dummy_inputs(batch, seq_len=seq_len).items()}
     timing = time_models(moved, inputs, device, rounds, repeats, warmup)
@@ -153,8 +136,7 @@ def run_device(device: str, models: dict, seq_len: int, batch: int, rounds: int,
         "process_cpu_note": "CPU only, diagnostic: median process CPU time per call (all threads); less "
                             "sensitive than wall time to other processes on the same cores",
         "macs_note": "MACs per sequence = torch FlopCounterMode / 2 under the math attention backend",
-        "loadavg_1m": {"before": load_before,
-                       "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "loadavg_1m": {"before": load_before, "after": loadavg()},
         "contended": contended(load_before) if device == "cpu" else None,
         "rows": rows,
         "speedup_50": next(r["speedup"] for r in rows if r["sparsity"] == 0.5) if 0.5 in moved else None,

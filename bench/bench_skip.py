@@ -55,6 +55,7 @@ import time
 
 import torch
 
+from bench._common import BATCH, DTYPE, model_inputs, rotated, sync
 from vlkit.bench_io import NOT_MEASURED, bench_cell, bench_devices, read_bench, rows_to_markdown, write_bench
 from vlkit.efficiency import GIGA, device_name, device_tag, latency, unit_macs
 from vlkit.methods.das import apply_skips, candidates, skip_bottleneck_for
@@ -66,8 +67,6 @@ PRESETS = ("vilt-b32", "meter-clip16-roberta")
 SCOPE = {"vilt-b32": "fusion", "meter-clip16-roberta": "fusion"}
 KS = (1, 2, 4)
 CRITERION_PRESET, CRITERION_K, CRITERION_FRACTION = "vilt-b32", 4, 0.9
-BATCH = {"cpu": 1, "cuda": 32}
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,22 +107,12 @@ def build_variants(preset: str, ks=KS, device: str = "cpu", dtype: torch.dtype =
     return out
 
 
-def model_inputs(model, batch_size: int, device: str, dtype: torch.dtype) -> dict:
-    x = model.dummy_inputs(batch_size=batch_size)
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in x.items()}
-
-
 def part_macs(model, inputs: dict) -> dict:
     """MACs of one pass split like the timings: embed / units / finalize / total."""
     per = unit_macs(model, inputs)
     units = sum(v for k, v in per.items() if k not in ("embed", "finalize"))
     return {"embed": per["embed"], "units": units, "finalize": per["finalize"],
             "total": per["embed"] + units + per["finalize"]}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_variants(variants: dict, inputs: dict, device: str, rounds: int, repeats: int, warmup: int) -> dict:
@@ -136,20 +125,20 @@ def time_variants(variants: dict, inputs: dict, device: str, rounds: int, repeat
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 state = model.embed(**inputs)
-                _sync(device)
+                sync(device)
                 t1 = time.perf_counter()
                 state = model.run_units(state)
-                _sync(device)
+                sync(device)
                 t2 = time.perf_counter()
                 model.finalize(state)
-                _sync(device)
+                sync(device)
                 t3 = time.perf_counter()
             sink.append((t1 - t0, t2 - t1, t3 - t2))
         return fn
 
     batch = next(iter(inputs.values())).shape[0]
     for r in range(rounds):
-        order = labels[r % len(labels):] + labels[:r % len(labels)]
+        order = rotated(labels, r)
         for lb in order:
             sink: list = []
             res = latency(caller(variants[lb][0], sink), warmup=warmup, repeats=repeats, device=device,

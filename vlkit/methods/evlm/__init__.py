@@ -23,9 +23,10 @@ from .distill import (DistillConfig, Distiller, HiddenProjection, attention_loss
 from .gating import DEFAULT_INIT, GateSet, attach_gates
 from .prune import (MASK_KEYS, apply_masks, check_masks, clear_masks, ffn_unit_cost, head_cost, load_pruned,
                     masked_copy, prunable_units, prune, pruning_spec, removed_params, reshape_to_spec,
-                    save_pruned)
+                    save_pruned, uniform_masks)
 
 __all__ = ["GateSet", "attach_gates", "DEFAULT_INIT", "MASK_KEYS", "prune", "masked_copy", "apply_masks",
            "clear_masks", "check_masks", "removed_params", "head_cost", "ffn_unit_cost", "prunable_units",
-           "pruning_spec", "reshape_to_spec", "save_pruned", "load_pruned", "DistillConfig", "Distiller",
-           "distill_loss", "layer_pairs", "attention_loss", "hidden_loss", "logits_loss", "HiddenProjection"]
+           "pruning_spec", "reshape_to_spec", "save_pruned", "load_pruned", "uniform_masks", "DistillConfig",
+           "Distiller", "distill_loss", "layer_pairs", "attention_loss", "hidden_loss", "logits_loss",
+           "HiddenProjection"]

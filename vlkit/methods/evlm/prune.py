@@ -65,8 +65,8 @@ from vlkit.models.protocol import UnknownNameError
 
 __all__ = [
     "MASK_KEYS", "SPEC_FORMAT", "prunable_units", "sublayer", "check_masks", "apply_masks", "clear_masks",
-    "masked_copy", "removed_params", "head_cost", "ffn_unit_cost", "prune", "pruning_spec", "reshape_to_spec",
-    "save_pruned", "load_pruned",
+    "masked_copy", "removed_params", "uniform_masks", "head_cost", "ffn_unit_cost", "prune", "pruning_spec",
+    "reshape_to_spec", "save_pruned", "load_pruned",
 ]
 
 #: mask keys, in sub-layer order: self-attention heads, cross-attention heads, FFN units
@@ -242,6 +242,22 @@ def removed_params(backbone, masks: Mapping) -> int:
             if not bool(keep.any()):
                 total += _out_bias(module)
     return total
+
+
+def uniform_masks(backbone, sparsity: float) -> dict[str, dict[str, torch.Tensor]]:
+    """Uniform structured pruning of every prunable unit: keep the first ``round((1 - s) * n)``
+    heads (self- and cross-attention) and FFN units of each -- EfficientVLM Tab. 2's uniformly
+    pruned student (``bench/bench_prune.py``, ``bench/bench_prune_xvlm.py``, the study's
+    :func:`~vlkit.methods.evlm.study.table_2`). ``round`` is Python's (half to even)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    masks = {}
+    for name, layer in prunable_units(backbone).items():
+        masks[name] = {}
+        for key in unit_keys(layer):
+            n = _size(sublayer(layer, key))
+            masks[name][key] = torch.arange(n) < int(round((1 - sparsity) * n))
+    return masks
 
 
 # ----------------------------------------------------------------------------- physical removal

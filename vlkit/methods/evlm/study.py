@@ -114,13 +114,13 @@ from vlkit.tasks.runner import ClassifyTask, NLVRTask, TaskModel, finetune
 
 from .distill import DistillConfig, Distiller, _run, logits_loss
 from .gating import INIT_KEYS, attach_gates
-from .prune import prunable_units, prune, removed_params, sublayer, unit_keys
+from .prune import prunable_units, prune, removed_params, sublayer, uniform_masks, unit_keys
 
 __all__ = ["EVLMConfig", "ENCODERS", "VARIANTS", "PRUNE_KEYS", "SENSITIVITY_KEYS", "Variant", "Study",
            "CompressModel", "compress_loss", "task_inputs", "stack_passes", "module_params", "module_macs",
            "module_gmacs", "prunable_params", "mask_sparsity", "overall_target", "head_importance",
            "encoder_head_masks", "sensitivity", "table_3", "summarise", "table_1", "table_4", "sweep", "table_2",
-           "uniform_masks", "latency_cell", "trajectories"]
+           "uniform_masks", "pruned_label", "latency_cell", "trajectories"]
 
 ENCODERS = ("vision", "text", "fusion")
 VARIANTS = ("student", "kd", "prune", "evlm")  # (kd, prune): (F, F), (T, F), (F, T), (T, T)
@@ -905,18 +905,11 @@ def sensitivity(study: Study) -> pd.DataFrame:
 
 
 # ============================================================================ Tab. 2
-def uniform_masks(backbone, sparsity: float) -> dict:
-    """Keep the first ``round((1 - s) * n)`` heads (self and cross) and FFN units of every
-    prunable unit: uniform structured pruning of every encoder (as ``bench/bench_prune.py``)."""
-    _fraction(sparsity, "sparsity")
-    masks = {}
-    for name, layer in prunable_units(backbone).items():
-        masks[name] = {}
-        for key in unit_keys(layer):
-            mod = sublayer(layer, key)
-            n = mod.num_heads if key != "ffn" else mod.fc1.out_features
-            masks[name][key] = torch.arange(n) < int(round((1 - sparsity) * n))
-    return masks
+def pruned_label(preset: str, sparsity: float) -> str:
+    """The Tab. 2 key of ``preset`` pruned uniformly at ``sparsity`` (:func:`~.prune.uniform_masks`),
+    e.g. ``"xvlm-clip-small pruned 50%"``: the ``model`` of its rows in the latency bench files
+    (``bench/bench_prune_xvlm.py`` writes them under this name)."""
+    return f"{preset} pruned {sparsity:.0%}"
 
 
 def latency_cell(bench: str, device: str, model: str, module: str, results_dir=None):
@@ -981,7 +974,7 @@ def table_2(study: Study, results_dir=None) -> pd.DataFrame:
     if last is not None:
         p, m = last
         pruned = prune(m, uniform_masks(m, cfg.paper_sparsity))
-        label = f"{p} pruned {cfg.paper_sparsity:.0%}"
+        label = pruned_label(p, cfg.paper_sparsity)
         rows += _size_rows(f"{label} (uniform)", "paper", pruned, m.dummy_inputs(1), label, benches, results_dir)
         del pruned, m
     return pd.DataFrame(rows)
