@@ -41,6 +41,9 @@
 # * **Late regulation** -- feeding the merged features through the last pre-trained layer
 #   beats using them directly (0 late layers); more late layers (multi-layer insertion) cost
 #   memory.
+# * **Beyond Transformers** (Sec. 3.3, Fig. 3b) -- the same recipe on a CNN: the stages of the
+#   ImageNet EfficientNet-Lite0 are the shallow features, its last stage the regulating layer.
+#   Here: a generated image task (how many objects), beside full fine-tuning and a linear probe.
 #
 # Memory comes in two forms (`vlkit.methods.sherl_study`): **accounted** (deterministic:
 # weights + gradients and AdamW moments of the trained parameters + the bytes autograd saves
@@ -56,6 +59,7 @@ results_root = None  # where tables go; None: results/ (runs/results-ci/ under t
 rerun = True  # False: draw the committed tables of results/sherl/ without recomputing them
 
 # %%
+import json
 import time
 from pathlib import Path
 
@@ -69,7 +73,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from vlkit import config
-from vlkit.methods.sherl_study import (split_measured, study_aggregators, study_headline, study_late,
+from vlkit.methods.sherl_study import (split_measured, study_aggregators, study_cnn, study_headline, study_late,
                                        study_reduction, study_tab1, with_measured)
 from vlkit.results import results_dir, save_figure, show_table, write_json, write_table
 
@@ -102,7 +106,7 @@ NOTE_MEM = ("`params_pct`: the method's trainable parameters over the pre-traine
             "subprocess, peak RSS minus RSS after imports, CPU) is in `memory.md`.")
 LRS = f"lr {cfg.settings(cfg.cells()[0][1])['lr']} for every method except " + ", ".join(
     f"{m} {lr}" for m, lr in cfg.method_lr.items()) + "; full fine-tuning's head at its `head_lr_mult` x."
-timings, measured, cache = {}, [], {}
+timings, measured, cache, computed = {}, [], {}, set()
 
 
 def run_or_read(name, compute):
@@ -112,6 +116,7 @@ def run_or_read(name, compute):
         table = compute()
         scores, meas = split_measured(table)
         measured.append(meas)
+        computed.add(name)
     else:
         scores = pd.read_csv(out / f"{name}.csv")
     timings[name] = round(time.perf_counter() - t0, 1)
@@ -119,12 +124,16 @@ def run_or_read(name, compute):
 
 
 def measured_so_far():
-    """This run's measured peaks (or, when nothing was recomputed, the committed memory.csv)."""
+    """This run's measured peaks; with ``rerun=False`` the committed memory.csv's rows as well
+    (a table computed now, e.g. a new one, replaces its committed rows)."""
     parts = [m for m in measured if len(m)]
-    if parts:
-        return pd.concat(parts, ignore_index=True).drop_duplicates(subset=["task", "backbone", "method", "options"])
     path = out / "memory.csv"
-    return pd.read_csv(path) if not rerun and path.is_file() else None
+    if not rerun and path.is_file():
+        parts = [pd.read_csv(path)] + parts
+    if parts:
+        return pd.concat(parts, ignore_index=True).drop_duplicates(subset=["task", "backbone", "method", "options"],
+                                                                   keep="last")
+    return None
 
 
 # %% [markdown]
@@ -238,6 +247,7 @@ if rerun or not (out / "headline.csv").is_file():
         f"(%), mean binomial SE; `verdict`: `tie` when |difference| <= max(sqrt(sd_a² + sd_b²), SE), else the "
         f"better method. Training as in Tab. 1."))
     write_table(head_runs, "headline_runs", out)
+    computed.add("headline")
 else:
     headline, head_runs = pd.read_csv(out / "headline.csv"), pd.read_csv(out / "headline_runs.csv")
 timings["headline"] = round(time.perf_counter() - t0, 1)
@@ -275,6 +285,7 @@ if rerun or not (out / "fig4_aggregators.csv").is_file():
     write_table(fig4, "fig4_aggregators", out, note=(
         f"Profile `{profile}`, seed {seed}: SHERL (r = 8, last unit) on `{b}` × `{t}` with each aggregator; test "
         f"accuracy (%) ± one binomial SE; memory accounted as in Tab. 1."))
+    computed.add("fig4")
 else:
     fig4 = pd.read_csv(out / "fig4_aggregators.csv")
 timings["fig4"] = round(time.perf_counter() - t0, 1)
@@ -365,6 +376,71 @@ ax.set_title("late regulation (± 1 SE)", fontsize=9)
 save_figure(fig, out, "late_regulation")
 
 # %% [markdown]
+# ## Beyond Transformers: SHERL on a CNN (Sec. 3.3, Fig. 3b)
+# SHERL only asks of a backbone that it is a stack of layers whose outputs can be merged. On a
+# CNN the "layers" are the **stages** of EfficientNet-Lite0 (ImageNet weights; Tan & Le's
+# Table 1): the stem and `Stage0`..`Stage5` form the early route and run without an autograd
+# graph; `Stage6`, the last MBConv stage, is the regulating layer. The stages differ in width
+# (16 to 192 channels) and resolution (32x32 to 2x2 at 64 px), so before the MTSA each stage's
+# output is **average-pooled to the resolution of `Stage6`'s input** and its positions become K
+# tokens; each tier of the MTSA down-projects from its stage's own channel count to the shared
+# width (192 / r). The merged tokens are reshaped back into a (B, 192, H, W) map, which replaces
+# `Stage6`'s input (the MTSA's output gate starts at 0); `Stage6` and the 1x1 head conv (1280
+# channels; part of the backbone's `finalize`, not a stage) run frozen *with* a graph, so the
+# gradients reach the MTSA through them; the global pool and a linear head follow.
+#
+# Beside SHERL: **full fine-tuning** (every weight, BatchNorm statistics included) and a
+# **linear probe** (the frozen backbone's pooled features, computed once). All three use the
+# same one-`Linear` head, like EfficientNet's own classifier. The task, `shapes_count`, is
+# generated: how many objects (1-4, balanced) are in a 64 px scene of the shapes used by the
+# other generated sets -- not an ImageNet category, so the features must adapt.
+#
+# What must hold by construction, and is checked below: SHERL trains under 1% of the
+# backbone's parameters, and its accounted training memory (and the activations autograd
+# keeps) lies between the linear probe's and full fine-tuning's, far below the latter. How the
+# three rank in accuracy is what the run shows (under `ci` they train on a few dozen images).
+
+# %%
+cnn_s = cfg.cnn_settings()
+cnn_tab = run_or_read("cnn", lambda: study_cnn(cfg, profile, seed=seed, cache=cache))
+c0 = cnn_tab.iloc[0]
+budget = f"{cnn_s['steps']} steps" if cnn_s["steps"] else f"{cnn_s['epochs']} epoch(s)"
+write_table(cnn_tab, "cnn", out, note=(
+    f"Profile `{profile}`, seed {seed}. `{c0.backbone}` (ImageNet weights) on `{c0.task}` (generated, "
+    f"{cnn_s['data']}): all {int(c0.n_train)} training images, {budget}, batch {cnn_s['batch_size']}; test on "
+    f"{int(c0.n_test)} images; accuracy in percent ± one binomial SE. Full fine-tuning at lr {cnn_s['full_lr']} "
+    f"(its head at {cnn_s['head_lr_mult']} x), SHERL ({cnn_tab.set_index('method').options.get('sherl', '-')}) at "
+    f"lr {cnn_s['lr']}, linear probe {cnn_s['probe_epochs']} epochs at lr {cnn_s['probe_lr']} on features computed "
+    f"once; one Linear head for every method. `params_pct`: the method's trained backbone parameters over the "
+    f"backbone's (head excluded); `trainable`: with the head. Memory in MiB, one fp32 training step on the first "
+    f"`mem_batch` training images of `mem_px` px: `est_mib` = weights + gradients and two AdamW moments of the "
+    f"trained parameters + `saved_mib` (what autograd saves in one training forward, weights excluded). The "
+    f"measured peak (fresh subprocess, peak RSS minus RSS after imports, CPU) is in `memory.md`."))
+cnn_m = with_measured(cnn_tab, measured_so_far())
+show_table(cnn_m, ["method", "test", "test_se", "params_pct", "method_params", "trainable", "est_mib", "saved_mib",
+                   "peak_mib", "steps"])
+
+# %%
+c = cnn_m.set_index("method")
+if {"full", "sherl"} <= set(c.index):
+    s_, f_ = c.loc["sherl"], c.loc["full"]
+    assert s_.params_pct < 1.0 and s_.method_params < f_.method_params / 100, (s_.method_params, f_.method_params)
+    assert s_.saved_mib < f_.saved_mib / 5 and s_.est_mib < f_.est_mib, (s_.saved_mib, f_.saved_mib)
+    if "linear_probe" in c.index:
+        p_ = c.loc["linear_probe"]
+        assert p_.method_params == 0 and p_.saved_mib < s_.saved_mib and p_.est_mib < s_.est_mib
+    print(f"SHERL trains {s_.params_pct:.2f}% of the backbone ({s_.method_params:,} of {f_.method_params:,} "
+          f"parameters) and keeps {s_.saved_mib / f_.saved_mib:.3f} x full fine-tuning's activations "
+          f"({s_.saved_mib:.1f} vs {f_.saved_mib:.1f} MiB); accounted step memory {s_.est_mib / f_.est_mib:.2f} x")
+    if pd.notna(s_.get("peak_mib")) and pd.notna(f_.get("peak_mib")):
+        print(f"measured peaks: SHERL {s_.peak_mib:.0f} MiB, full {f_.peak_mib:.0f} MiB")
+print("accuracy:", ", ".join(f"{m} {v:.1f} ± {se:.1f}" for m, v, se in zip(cnn_tab.method, cnn_tab.test,
+                                                                            cnn_tab.test_se)))
+
+# %%
+memory_scatter(cnn_m, "SHERL on a CNN (Fig. 3b): accuracy against training memory", "cnn_memory")
+
+# %% [markdown]
 # ## Measured against accounted memory
 # The accounted figure is a lower bound of a training step (no allocator slack, no transient
 # buffers); the measured peak adds those and the noise of a process's RSS. Their ratio shows
@@ -376,7 +452,8 @@ if mem is not None and len(mem):
     write_table(mem, "memory", out, note=(
         f"Profile `{profile}`. Measured training peak (`peak_mib`, MiB): a fresh subprocess per configuration "
         f"(vlkit.efficiency.peak_memory) builds the model, resets the peak RSS counter, runs 2 fused-AdamW training "
-        f"steps on the memory batch (`mem_batch` examples, `mem_len` tokens), {cfg.threads} thread(s); peak RSS "
+        f"steps on the memory batch (`mem_batch` examples, `mem_len` tokens; CNN rows: `mem_batch` images, no text), "
+        f"{cfg.threads} thread(s); peak RSS "
         f"minus RSS after the imports. Varies run to run (shared CPU; `load_avg`: 1-min load when measured); "
         f"`step_s`: the last step's time, indicative only. `est_mib` / `saved_mib`: the accounted figures."))
     show_table(mem.assign(ratio=(mem.peak_mib / mem.est_mib).round(2)))
@@ -384,6 +461,9 @@ else:
     print("no measured memory (memory: off)")
 
 # %%
+timing_file = Path(results_root or results_dir(profile)) / "timings" / f"sherl.{profile}.json"
+if not rerun and timing_file.is_file():  # tables read, not recomputed, keep their committed timings
+    timings = {**json.loads(timing_file.read_text())["seconds"], **{k: timings[k] for k in computed}}
 write_json({"stage": "sherl", "profile": profile, "seconds": timings}, f"timings/sherl.{profile}",
            Path(results_root or results_dir(profile)))
 print(timings)
@@ -392,5 +472,6 @@ print(timings)
 # ## What this run does not cover
 # * test-time (inference) memory: every method here runs the same frozen backbone at
 #   inference except full fine-tuning's updated weights, so it is not tabulated;
-# * SHERL on a CNN (EfficientNet-Lite0 stages, the paper's Fig. 3b) -- not built yet;
+# * SHERL on a CNN is one backbone (EfficientNet-Lite0) on one generated image task, one seed;
+#   only the default late route (one regulating stage; no multi-stage insertion or ablations);
 # * the paper-size backbones' memory ratios are the benchmark's (`results/bench/memory.*`).

@@ -15,7 +15,7 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
         load("flickr30k", "train", data_dir=tmp_path)
     assert "'flickr30k'" in str(e.value) and all(n in str(e.value) for n in DATASETS)
     assert set(DATASETS) == {"easyvqa", "movie_reviews", "bbc_news", "shapes_nlvr", "shapes_retrieval",
-                             "shapes_captions"}
+                             "shapes_captions", "shapes_count"}
 
 
 def test_unknown_split_lists_valid_splits(tmp_path):

@@ -235,3 +235,33 @@ def test_bad_inputs_raise_clear_errors():
         redundancy_aggregate(torch.zeros(1, 3, 3, dtype=torch.float64), E_HAND)
     with pytest.raises(ValueError, match=r"scores must have shape \(1, 3, 4\)"):
         aggregation_weights(e_HAND, E_HAND, scores=torch.zeros(1, 3, 3, dtype=torch.float64))
+
+
+def test_per_layer_input_widths():
+    """``in_dims``: each tier down-projects from its own width (the CNN case: stages of different
+    channel counts); x_last and the output keep ``dim``."""
+    widths = [8, 16, 32]
+    m = MTSA(D, 3, R, in_dims=widths)  # d = 32 / 4 = 8
+    assert m.in_dims == (8, 16, 32) and [t.down.in_features for t in m.tiers] == widths
+    # by hand: tiers sum_i (D_i*8 + 8 + 2*64 + 2*8) = 8*56 + 3*152 = 904; up 8*32 + 32 = 288; α 1
+    assert sum(p.numel() for p in m.parameters()) == 1_193 == mtsa_num_parameters(D, 3, R, in_dims=widths)
+    assert mtsa_num_parameters(D, 3, R, in_dims=[D] * 3) == mtsa_num_parameters(D, 3, R)
+    torch.manual_seed(0)
+    xs = [torch.randn(B, K, w) for w in widths]
+    x_last = torch.randn(B, K, D)
+    out = m(xs, x_last)
+    assert out.shape == (B, K, D)
+    e, E = m.project(xs)
+    torch.testing.assert_close(out, m.up(m.aggregate(e, E)))  # gate 0 at init
+    assert "in_dims=[8, 16, 32]" in repr(m) and "in_dims" not in repr(MTSA(D, 3, R))
+    # equal widths given explicitly: the same module as the default (state dicts interchange)
+    same = MTSA(D, L, R, in_dims=[D] * L)
+    same.load_state_dict(MTSA(D, L, R).state_dict(), strict=True)
+    with pytest.raises(ValueError, match=r"shallow feature 1 has shape \(2, 5, 8\); it must be \(B, K, 16\)"):
+        m([xs[0], xs[0], xs[2]], x_last)
+    with pytest.raises(ValueError, match=r"x_last has shape \(2, 5, 16\); expected \(2, 5, 32\)"):
+        m(xs, torch.randn(B, K, 16))
+    with pytest.raises(ValueError, match=r"one positive int width per shallow feature \(3\); got \[8, 16\]"):
+        MTSA(D, 3, R, in_dims=[8, 16])
+    with pytest.raises(ValueError, match=r"got \[8, 0, 32\]"):
+        mtsa_num_parameters(D, 3, R, in_dims=[8, 0, 32])

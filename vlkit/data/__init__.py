@@ -11,6 +11,7 @@ bbc_news           BBC News, 2,225 articles, 5 topics (sorted class names)      
 shapes_nlvr        generated: two images + statement -> true/false (balanced)   6000/1000/1000
 shapes_retrieval   generated: image, 5 captions, 5 one-attribute hard negatives  3000/100/100
 shapes_captions    generated: image + caption corpus for pre-training           10000/1000/1000
+shapes_count       generated: image -> how many objects (1-4, balanced)          2000/500/500
 =================  ===========================================================  ==========
 
 ``default_knobs(name)`` lists a set's knobs; ``python -m vlkit.data`` materialises sets

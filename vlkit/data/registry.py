@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from vlkit import paths
 from vlkit.models.protocol import UnknownNameError
 
-from . import easyvqa, shapes, text_sets
+from . import counting, easyvqa, shapes, text_sets
 from .splits import SPLITS
 
 
@@ -43,6 +43,7 @@ SOURCES: dict[str, _Source] = {
     **{name: _Source(getattr(shapes, f"build_{name.split('_')[1]}"), shapes.KNOBS[name],
                      (lambda k, _n=name: shapes.check_knobs(_n, k)), shapes.VERSION)
        for name in ("shapes_nlvr", "shapes_retrieval", "shapes_captions")},
+    "shapes_count": _Source(counting.build, counting.KNOBS, counting.check_knobs, counting.VERSION),
 }
 DATASETS: tuple[str, ...] = tuple(SOURCES)
 

@@ -61,6 +61,37 @@ prefix, the shallow features and the MTSA are those of the default (``insert_las
 the only difference is the late route through the frozen last unit. Only for ``insert_last=1``
 and without a regulated context (there is no late unit to read it).
 
+Convolutional backbones (Sec. 3.3 "beyond Transformers", Fig. 3b)
+------------------------------------------------------------------
+When the target stream holds ``(B, C, H, W)`` maps (``effnet-lite0``: units ``Stage0..Stage6``,
+:mod:`vlkit.models.cnn`) the shallow features differ in channels and resolution. Then
+(``spatial`` mode, chosen from the probed shape, ``insert_last=1`` only):
+
+* shallow features: the outputs of **every** prefix unit of the stream (``Stage0..Stage5``;
+  with ``features="embed+units"`` the stem's output first), whatever their shape;
+* each is adaptive-average-pooled to the resolution ``(H, W)`` of the **input of the
+  regulating unit** (the stream after the prefix: ``Stage5``'s output) and its positions
+  flattened row-major into ``K = H·W`` tokens ``(B, K, C_i)`` (:func:`pool_tokens`; the pool
+  is the identity for a feature already at ``(H, W)``). ``(H, W)`` is read from each batch, so
+  one model serves every input size (64 px -> 2x2, 224 px -> 7x7);
+* one MTSA with **per-layer input widths** (``MTSA(in_dims=[C_0, ..])``: each tier
+  down-projects from its stage's own channel count) and output width ``C`` of the regulating
+  unit's input; ``x_last`` is that input as tokens; the merged tokens are reshaped back to
+  ``(B, C, H, W)`` (:func:`from_tokens`, the inverse of :func:`to_tokens`);
+* late route: the last unit (``Stage6``, frozen, with a graph), then ``finalize``. For
+  EfficientNet-Lite0 ``finalize`` holds the head conv (1x1 to 1280 channels + BN + ReLU6) and
+  the global average pool: the head conv is *not* a unit (it is Tan & Le's Table 1 stage 9,
+  not an MBConv stage), so the regulating unit is the last MBConv stage and the frozen head
+  conv runs after it on the late route (with a graph, like the Transformers' pooler).
+
+Departures (our choices; the paper states the CNN case only in outline): average pooling
+(not strided convolutions or max pooling) to the regulating unit's *input* resolution; every
+MBConv stage as one shallow feature (blocks inside a stage are not separate features); the
+guide is the last shallow feature, as for Transformers. Not supported for spatial streams:
+``late_unit=False`` (the merged map has the regulating unit's input channels, not the width
+``finalize`` expects), ``insert_last > 1``, a regulated context (a CNN has one stream) and
+``late_dropout=True`` (it would put the late stage's BatchNorm into training mode).
+
 Dropout: the backbone always runs in eval mode (the frozen prefix must, to be cacheable);
 ``late_dropout=True`` lets the late units follow the wrapper's train/eval mode as in the
 official code (which trains with the backbone's dropout on).
@@ -73,6 +104,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.models.protocol import Backbone, BackboneOutput, State, UnitSpec, UnknownNameError
@@ -80,7 +112,7 @@ from vlkit.nn.mtsa import AGGREGATORS, MTSA, SCORES
 
 from .feature_cache import FrozenPrefixModel, Probe, embed_key, probe, seeded
 
-__all__ = ["SHERL", "apply_sherl", "FEATURES"]
+__all__ = ["SHERL", "apply_sherl", "FEATURES", "to_tokens", "from_tokens", "pool_tokens"]
 
 FEATURES = ("units", "embed+units")
 
@@ -99,13 +131,47 @@ def _feature_keys(specs: Sequence[UnitSpec], stop: int, stream: str, shape: tupl
     return keys
 
 
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` maps -> ``(B, H·W, C)`` tokens, positions in row-major order."""
+    if x.dim() != 4:
+        raise ValueError(f"expected (B, C, H, W) maps, got shape {tuple(x.shape)}")
+    return x.flatten(2).transpose(1, 2)
+
+
+def from_tokens(tokens: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, H·W, C)`` tokens -> ``(B, C, H, W)`` maps (the inverse of :func:`to_tokens`)."""
+    h, w = (int(v) for v in size)
+    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+        raise ValueError(f"expected (B, {h * w}, C) tokens for a {h}x{w} map, got shape {tuple(tokens.shape)}")
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def pool_tokens(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A ``(B, C, H', W')`` map adaptive-average-pooled to ``size = (H, W)``, as ``(B, H·W, C)``
+    tokens (:func:`to_tokens`); the identity (before flattening) when ``(H', W') == (H, W)``."""
+    h, w = (int(v) for v in size)
+    if x.dim() != 4:
+        raise ValueError(f"expected (B, C, H, W) maps, got shape {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.adaptive_avg_pool2d(x, (h, w))
+    return to_tokens(x)
+
+
+def _spatial_keys(specs: Sequence[UnitSpec], stop: int, stream: str, info: Probe, features: str) -> list[str]:
+    """Record keys of the shallow features of a map stream (spatial mode): the embedded stream
+    (if asked) and every output of ``specs[:stop]`` writing ``stream``, in backbone order."""
+    keys = [embed_key(stream)] if features == "embed+units" and len(info.embed.get(stream, ())) == 4 else []
+    return keys + [s.name for s in specs[:stop] if s.stream == stream and len(info.units.get(s.name, ())) == 4]
+
+
 class SHERL(FrozenPrefixModel):
     """A backbone trained with SHERL (see the module docstring); build it with :func:`apply_sherl`.
 
     Attributes: ``backbone`` (frozen), ``stop`` (= N - k, first late unit), ``stream`` (target
     stream), ``feature_keys`` (record keys merged by ``mtsa[0]``), ``mtsa`` (one MTSA per late
     unit), ``context`` / ``context_keys`` / ``context_mtsa`` (``None`` unless the context is
-    regulated). ``forward(**inputs)`` returns the backbone's :class:`BackboneOutput`.
+    regulated), ``spatial`` (map stream: the CNN case of the module docstring).
+    ``forward(**inputs)`` returns the backbone's :class:`BackboneOutput`.
     """
 
     def __init__(self, backbone: Backbone, *, reduction: int = 8, aggregator: str = "mtsa", score: str = "inner",
@@ -148,7 +214,16 @@ class SHERL(FrozenPrefixModel):
 
         info = probe(backbone, stop)
         shape = info.at_stop[stream]
-        keys = _feature_keys(specs, stop, stream, shape, info, features)
+        spatial = len(shape) == 4  # (B, C, H, W) maps: a CNN (module docstring)
+        if spatial:
+            checks = (("insert_last > 1", insert_last != 1), ("late_unit=False", not late_unit),
+                      ("regulate_context=True", bool(regulate_context)), ("late_dropout=True", bool(late_dropout)))
+            unsupported = [what for what, bad in checks if bad]
+            if unsupported:
+                raise ValueError(f"SHERL on the map stream {stream!r} (a CNN) supports only the default late route; "
+                                 f"got {', '.join(unsupported)}")
+        keys = (_spatial_keys(specs, stop, stream, info, features) if spatial
+                else _feature_keys(specs, stop, stream, shape, info, features))
         if len(keys) < 2:
             raise ValueError(f"SHERL needs at least 2 shallow features of stream {stream!r} before unit "
                              f"{late[0].name}; found {len(keys)} ({', '.join(keys) or 'none'}): use "
@@ -165,9 +240,13 @@ class SHERL(FrozenPrefixModel):
             raise ValueError(f"regulate_context=True needs at least 2 features of the context stream {context!r}; "
                              f"found {ctx_keys}")
 
-        dim = shape[-1]
+        dim = shape[1] if spatial else shape[-1]
+        in_dims = None
+        if spatial:  # one width per stage: the channels of each shallow feature
+            in_dims = [(info.embed[stream] if k == embed_key(stream) else info.units[k])[1] for k in keys]
         with seeded(seed):  # MTSA validates reduction (must divide the width) and the rest
-            mtsa = nn.ModuleList(MTSA(dim, len(keys) + j, reduction, score=score, aggregator=aggregator, norm=norm)
+            mtsa = nn.ModuleList(MTSA(dim, len(keys) + j, reduction, score=score, aggregator=aggregator, norm=norm,
+                                      in_dims=in_dims)
                                  for j in range(insert_last))
             ctx_mtsa = (MTSA(info.at_stop[context][-1], len(ctx_keys), reduction, score=score, aggregator=aggregator,
                              norm=True) if regulate_context else None)
@@ -184,6 +263,7 @@ class SHERL(FrozenPrefixModel):
         self.late_depth = late[0].depth
         self.late_dropout = bool(late_dropout)
         self.late_unit = late_unit
+        self.spatial = spatial
         self.options = dict(reduction=reduction, aggregator=aggregator, score=score, insert_last=insert_last,
                             features=features, regulate_context=bool(regulate_context), norm=norm,
                             late_dropout=self.late_dropout, seed=seed, late_unit=late_unit)
@@ -206,6 +286,8 @@ class SHERL(FrozenPrefixModel):
         """
         bb = self.backbone
         state = state.copy()
+        if getattr(self, "spatial", False):
+            return self._from_prefix_maps(state, record)
         feats = [record[k] for k in self.feature_keys]
         if self.context_mtsa is not None:
             # the context the late unit will read: the depth snapshot if its co-attention depth
@@ -222,6 +304,16 @@ class SHERL(FrozenPrefixModel):
             state = bb.run_units(state, self.stop + j, self.stop + j + 1, record=rec)
             outs.append(rec[name])
         return bb.finalize(state)
+
+    def _from_prefix_maps(self, state: State, record: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        """Spatial mode (module docstring): pool every stage to the regulating unit's input
+        resolution, merge the tokens, reshape back, run the last unit and ``finalize``."""
+        x = state.streams[self.stream]
+        size = tuple(x.shape[-2:])
+        feats = [pool_tokens(record[k], size) for k in self.feature_keys]
+        state.streams[self.stream] = from_tokens(self.mtsa[0](feats, to_tokens(x)), size)
+        state = self.backbone.run_units(state, self.stop, self.stop + 1)
+        return self.backbone.finalize(state)
 
 
 def apply_sherl(backbone: Backbone, *, reduction: int = 8, aggregator: str = "mtsa", score: str = "inner",
@@ -245,6 +337,10 @@ def apply_sherl(backbone: Backbone, *, reduction: int = 8, aggregator: str = "mt
       dropout in the late units during training; ``seed``: MTSA initialisation.
     * ``late_unit`` (True): ``False`` is the late-regulation ablation -- the MTSA output goes
       straight to ``finalize``, the last pre-trained unit is not run (needs ``insert_last=1``).
+
+    A backbone whose target stream holds ``(B, C, H, W)`` maps (``effnet-lite0``) is wrapped in
+    the spatial mode of the module docstring (stages pooled to the last stage's input
+    resolution, per-stage MTSA input widths); there only the default late route is available.
 
     Returns a :class:`SHERL` module: ``forward(**inputs) -> BackboneOutput``; only MTSA
     parameters are trainable. Errors: fewer than 2 units, an unknown aggregator / score /

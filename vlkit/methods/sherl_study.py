@@ -43,6 +43,15 @@ What each table holds (``results/sherl/``; ``runs/results-ci/sherl/`` under ``ci
   on the ``ablation`` cell -- 0: the merged features go straight to the pooler and head
   (``apply_sherl(late_unit=False)``), 1: the paper's design, k >= 2: multi-layer insertion.
 
+* **CNN** (:func:`study_cnn`; Sec. 3.3 "beyond Transformers", Fig. 3b): full fine-tuning, a
+  linear probe and SHERL on the ImageNet EfficientNet-Lite0 (``effnet-lite0``; SHERL's spatial
+  mode, :mod:`vlkit.methods.sherl`: the MBConv stages pooled to the last stage's input
+  resolution and merged by an MTSA with per-stage input widths, then the frozen last stage,
+  head conv and pool) on the generated image task ``shapes_count`` (how many objects, 1-4;
+  :mod:`vlkit.data.counting`). Same columns as Tab. 1: test accuracy ± SE, ``params_pct``,
+  accounted memory and, where measured, the peak (:func:`cnn_train_step_memory` in a fresh
+  subprocess). Its settings are the ``cnn`` mapping (:data:`CNN_DEFAULTS`).
+
 Budgets: train/val/test subsets, epochs and learning rates are this section's keys (the
 ``baselines`` section's, :class:`SHERLConfig`). Every method trains at the task's ``lr``
 unless ``method_lr`` names it (full fine-tuning: lower, with the head at ``head_lr_mult`` x).
@@ -62,27 +71,108 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from vlkit.efficiency import autograd_saved_bytes, params
 from vlkit.models.protocol import UnknownNameError
 from vlkit.nn.mtsa import AGGREGATORS
 from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, table_row, task_spec,
                                    train_config_for)
+from vlkit.tasks.data import TaskData
 from vlkit.tasks.metrics import seed_sd
-from vlkit.tasks.runner import TaskModel, finetune, get_task
+from vlkit.tasks.runner import ClassifyTask, TaskModel, finetune, get_task
 
 __all__ = ["SHERLConfig", "TABLE_METHODS", "MEASURED", "canonical_options", "late_options", "memory_batch",
            "memory_accounting", "measure_peak", "train_step_memory", "run_cell",
            "study_tab1", "study_headline", "seed_summary", "study_aggregators", "study_reduction", "study_late",
-           "split_measured", "with_measured"]
+           "split_measured", "with_measured", "CNN_METHODS", "CNN_DEFAULTS", "cnn_settings", "ImageClassifyTask",
+           "PixelCollate", "image_task_data", "cnn_train_step_memory", "run_cnn", "study_cnn"]
 
 TABLE_METHODS = ("full", "adapter", "lora", "bitfit", "prompt", "lst", "unipt", "sherl")
 MEMORY_MODES = ("subprocess", "off")
 MEASURED = ("peak_mib", "step_s", "load_avg")  # run-to-run varying columns: memory.csv, not the score tables
 MIB = 2**20
 WARMUP_ENV = "VLKIT_SHERL_MEMORY_WARMUP"
+
+# ---- the CNN table (Sec. 3.3, Fig. 3b): params.yaml sherl.cnn
+CNN_METHODS = ("full", "linear_probe", "sherl")
+CNN_BACKBONES = ("effnet-lite0",)
+CNN_DATASETS = ("shapes_count",)
+CNN_DEFAULTS: dict = {
+    "backbone": "effnet-lite0",  # a protocol CNN whose units are its stages
+    "dataset": "shapes_count",  # a generated image classification set (vlkit.data)
+    "data": {},  # the set's knobs (sizes: n_train / n_val / n_test); every train and test row is used
+    "methods": list(CNN_METHODS),
+    "epochs": 3,  # passes over the training rows (or `steps`)
+    "steps": None,
+    "batch_size": 32,
+    "lr": 1.0e-3,  # SHERL's MTSA and the heads
+    "full_lr": 2.0e-4,  # full fine-tuning's backbone (its head at head_lr_mult x)
+    "head_lr_mult": 10.0,
+    "warmup": 0.1,
+    "probe_lr": 1.0e-3,
+    "probe_epochs": 20,
+    "sherl_options": {},  # apply_sherl options for the CNN run (reduction, aggregator, features, ...)
+    "memory_methods": None,  # which methods get a measured peak (None: all; needs memory: subprocess)
+    "memory_batch": None,  # examples in the memory batch (None: batch_size)
+}
+
+
+def _positive(where: str, v, kind=(int, float), allow_none: bool = False):
+    if v is None and allow_none:
+        return v
+    if isinstance(v, bool) or not isinstance(v, kind) or not v > 0:
+        what = "a positive int" if kind is int else "a positive number"
+        raise ValueError(f"params.yaml {where} must be {what}{' or null' if allow_none else ''}, got {v!r}")
+    return v
+
+
+def cnn_settings(cnn: Mapping | None) -> dict:
+    """``sherl.cnn`` of params.yaml merged over :data:`CNN_DEFAULTS` and checked: an unknown key,
+    method, backbone, dataset, data knob or SHERL option is an error naming the valid ones."""
+    from vlkit.data.registry import spec as data_spec
+    from vlkit.methods.petl import options
+
+    cnn = dict(cnn or {})
+    for k in cnn:
+        if k not in CNN_DEFAULTS:
+            raise UnknownNameError("key in params.yaml sherl.cnn", k, list(CNN_DEFAULTS))
+    s = {**copy.deepcopy(CNN_DEFAULTS), **cnn}
+    if s["backbone"] not in CNN_BACKBONES:
+        raise UnknownNameError("sherl.cnn backbone", s["backbone"], CNN_BACKBONES)
+    if s["dataset"] not in CNN_DATASETS:
+        raise UnknownNameError("sherl.cnn dataset", s["dataset"], CNN_DATASETS)
+    if not isinstance(s["data"], dict):
+        raise ValueError(f"params.yaml sherl.cnn.data must be a mapping of {s['dataset']} knobs, got {s['data']!r}")
+    data_spec(s["dataset"], **s["data"])  # every knob name and value
+    for where in ("methods", "memory_methods"):
+        ms = s[where]
+        if ms is None and where == "memory_methods":
+            continue
+        if not isinstance(ms, (list, tuple)) or (where == "methods" and not ms):
+            raise ValueError(f"params.yaml sherl.cnn.{where} must be a list of methods, got {ms!r}")
+        for m in ms:
+            if m not in CNN_METHODS:
+                raise UnknownNameError(f"sherl.cnn.{where} method", m, CNN_METHODS)
+    if not isinstance(s["sherl_options"], dict):
+        raise ValueError(f"params.yaml sherl.cnn.sherl_options must be a mapping, got {s['sherl_options']!r}")
+    for k in s["sherl_options"]:
+        if k not in options("sherl") or k == "seed":
+            raise UnknownNameError("option of sherl in sherl.cnn.sherl_options", k,
+                                   [o for o in options("sherl") if o != "seed"])
+    if (s["epochs"] is None) == (s["steps"] is None):
+        raise ValueError(f"params.yaml sherl.cnn: give exactly one of epochs and steps, got epochs={s['epochs']!r}, "
+                         f"steps={s['steps']!r}")
+    for k in ("epochs", "steps", "batch_size", "probe_epochs", "memory_batch"):
+        _positive(f"sherl.cnn.{k}", s[k], int, allow_none=k in ("epochs", "steps", "memory_batch"))
+    for k in ("lr", "full_lr", "head_lr_mult", "probe_lr"):
+        _positive(f"sherl.cnn.{k}", s[k])
+    if isinstance(s["warmup"], bool) or not isinstance(s["warmup"], (int, float)) or not 0 <= s["warmup"] < 1:
+        raise ValueError(f"params.yaml sherl.cnn.warmup must be a fraction in [0, 1), got {s['warmup']!r}")
+    return s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +190,8 @@ class SHERLConfig(BaselinesConfig):
     ``aggregators``, ``reductions``, ``late_units``: their grids; ``memory``: ``subprocess``
     (measure peaks) or ``off``; ``memory_methods`` / ``memory_backbones``: restrict the
     measured peaks (``None``: all); ``memory_batch``: examples in the memory batch (``None``:
-    the task's batch size)."""
+    the task's batch size); ``cnn``: the CNN table's settings (:data:`CNN_DEFAULTS`,
+    :func:`cnn_settings`)."""
 
     backbones: list[str] = dataclasses.field(default_factory=lambda: ["vilt-mini"])
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["shapes_nlvr", "easyvqa"])
@@ -121,9 +212,11 @@ class SHERLConfig(BaselinesConfig):
     memory_methods: list[str] | None = None
     memory_backbones: list[str] | None = None
     memory_batch: int | None = None
+    cnn: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
+        cnn_settings(self.cnn)
         from vlkit.methods.petl import METHODS as PETL
         from vlkit.methods.petl import options
 
@@ -190,6 +283,10 @@ class SHERLConfig(BaselinesConfig):
 
     def lr_for(self, method: str, task: str) -> float:
         return float(self.method_lr.get(method, self.settings(task)["lr"]))
+
+    def cnn_settings(self) -> dict:
+        """The CNN table's settings: ``cnn`` over :data:`CNN_DEFAULTS`."""
+        return cnn_settings(self.cnn)
 
     def measures(self, backbone: str, method: str) -> bool:
         """Whether the peak of ``method`` on ``backbone`` is measured in a subprocess."""
@@ -320,8 +417,28 @@ def _warm_up(text_weights: bool = True) -> None:
     _trim_heap()
 
 
-if os.environ.get(WARMUP_ENV):  # set by measure_peak for its peak-memory children only
-    _warm_up(text_weights=os.environ[WARMUP_ENV] == "text")
+def _warm_up_cnn() -> None:
+    """The CNN children's warm-up: one tiny training step of each CNN method on
+    ``effnet-lite0`` (64 px, 2 images), so the package import, the weights file's cached state
+    dict and the convolution kernels land in the baseline, not in the model's memory."""
+    from vlkit.models import build
+
+    batch = {"pixel_values": torch.full((2, 3, 64, 64), 127.0), "labels": torch.tensor([0, 1])}
+    for method in CNN_METHODS:
+        model = _cnn_model(build("effnet-lite0"), method, {}, 2)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+        image_task(2).loss(model, batch)["loss"].backward()
+        opt.step()
+    gc.collect()
+    _trim_heap()
+
+
+def _warm_up_child() -> None:
+    mode = os.environ[WARMUP_ENV]
+    if mode == "cnn":
+        _warm_up_cnn()
+    else:
+        _warm_up(text_weights=mode == "text")
 
 
 def train_step_memory(*, preset: str, overrides: dict, task: str, method: str, options: dict, batch_path: str,
@@ -365,6 +482,18 @@ def measure_peak(cfg: SHERLConfig, backbone: str, spec, batch: dict, method: str
     """Measured training peak of one configuration (:func:`train_step_memory` in a fresh
     subprocess via :func:`vlkit.efficiency.peak_memory`): ``{"peak_mib", "step_s", "load_avg",
     "method_note"}``."""
+    overrides = dict(cfg.overrides.get(backbone) or {})
+    # presets built with MiniLM's weights import the HF BERT classes: warm that import up too
+    warmup = "plain" if overrides.get("pretrained_text") is False else "text"
+    return _peak_in_child(cfg, "train_step_memory", batch, warmup, seed, preset=backbone, overrides=overrides,
+                          task=spec.name, method=method, options=dict(opts), lr=float(lr))
+
+
+def _peak_in_child(cfg: SHERLConfig, target: str, batch: dict, warmup: str, seed: int, **kwargs) -> dict:
+    """Run ``target`` (a function of this module taking ``batch_path``) under
+    :func:`vlkit.efficiency.peak_memory` with ``batch`` saved to a temporary safetensors file
+    and the child's warm-up ``warmup`` (:data:`WARMUP_ENV`): ``{"peak_mib", "step_s",
+    "load_avg", "peak_reset_after_build"}``."""
     from safetensors.torch import save_file
 
     from vlkit.efficiency import peak_memory
@@ -373,15 +502,11 @@ def measure_peak(cfg: SHERLConfig, backbone: str, spec, batch: dict, method: str
         path = str(Path(tmp) / "batch.safetensors")
         save_file({k: v.contiguous() for k, v in batch.items()}, path)
         old = os.environ.get(WARMUP_ENV)
-        overrides = dict(cfg.overrides.get(backbone) or {})
-        # presets built with MiniLM's weights import the HF BERT classes: warm that import up too
-        os.environ[WARMUP_ENV] = "plain" if overrides.get("pretrained_text") is False else "text"
+        os.environ[WARMUP_ENV] = warmup
         try:
             load = os.getloadavg()[0]
-            r = peak_memory("vlkit.methods.sherl_study:train_step_memory", "cpu", seed=seed,
-                            threads=int(cfg.threads or 1), timeout_s=600, preset=backbone,
-                            overrides=overrides, task=spec.name, method=method,
-                            options=dict(opts), batch_path=path, lr=float(lr))
+            r = peak_memory(f"vlkit.methods.sherl_study:{target}", "cpu", seed=seed, threads=int(cfg.threads or 1),
+                            timeout_s=600, batch_path=path, **kwargs)
         finally:
             if old is None:
                 os.environ.pop(WARMUP_ENV, None)
@@ -550,6 +675,183 @@ def study_late(cfg: SHERLConfig, profile: str | None, *, seed: int = 0, cache: d
     return _order(pd.DataFrame(rows), first=("late_units",))
 
 
+# ---------------------------------------------------------------------------- CNN (Sec. 3.3, Fig. 3b)
+class PixelCollate:
+    """Examples ``{"pixels": (3, H, W) uint8, "label": int}`` -> ``{"pixel_values": (B, 3, H, W)
+    float 0..255, "labels": (B,) long}`` (the protocol CNN scales the pixels itself)."""
+
+    def __call__(self, examples) -> dict:
+        if len(examples) == 0:
+            raise ValueError("cannot collate an empty batch")
+        return {"pixel_values": torch.stack([e["pixels"] for e in examples]).float(),
+                "labels": torch.as_tensor([int(e["label"]) for e in examples], dtype=torch.long)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassifyTask(ClassifyTask):
+    """Image classification on a protocol CNN's ``pooled`` output (the CNN table's task; not a
+    :data:`vlkit.tasks.runner.TASKS` entry): cross-entropy, accuracy ± binomial SE, so
+    :func:`vlkit.tasks.runner.finetune` trains and evaluates it like the other tasks. Its data
+    is :func:`image_task_data`; the model's input is ``pixel_values`` alone.
+
+    Head: one ``Linear(D, C)`` for **every** method (full fine-tuning, SHERL and the linear
+    probe alike), as EfficientNet's own ImageNet classifier -- ViLT's two-layer classifier of
+    the other tables would have ``2D² + ...`` = 3.3 M parameters on the 1280-wide pooled
+    vector, as many as the whole backbone, and would dominate the memory of the cheap methods."""
+
+    def inputs(self, batch: dict, *_, **__) -> dict:
+        return {"pixel_values": batch["pixel_values"]}
+
+    def make_head(self, dims: dict, linear: bool = False) -> nn.Module:
+        from vlkit.tasks.heads import ClassifierHead
+
+        return ClassifierHead(dims["dim"], self.num_classes, hidden=0)
+
+    def load(self, split: str, **_):
+        raise NotImplementedError("ImageClassifyTask's splits come from image_task_data(...)")
+
+
+def image_task(num_classes: int, name: str = "shapes_count") -> ImageClassifyTask:
+    """The :class:`ImageClassifyTask` of generated set ``name`` with ``num_classes`` classes."""
+    return ImageClassifyTask(name, name, "image", "accuracy", "", text_len=0, num_classes=int(num_classes))
+
+
+def image_task_data(dataset: str, split: str, *, seed: int = 0, knobs: Mapping | None = None) -> TaskData:
+    """Every row of ``split`` of the generated image set ``dataset`` (``vlkit.data.load`` with
+    ``seed`` and ``knobs``) as a :class:`TaskData` of ``{"pixels": (3, H, W) uint8, "label"}``
+    examples collated by :class:`PixelCollate`; ``meta["classes"]``: the class names."""
+    from vlkit.data import load
+
+    ds = load(dataset, split, seed=seed, **dict(knobs or {}))
+    examples = [{"pixels": torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+                 .contiguous(), "label": int(y)} for img, y in zip(ds["image"], ds["label"])]
+    return TaskData(dataset, split, examples, PixelCollate(), list(range(len(ds))), len(ds),
+                    {"classes": ds.features["label"].names})
+
+
+def _cnn_model(backbone, method: str, options: Mapping, num_classes: int) -> TaskModel:
+    """The CNN table's model: ``method`` applied to ``backbone`` (the linear probe: the frozen
+    backbone, in eval mode) and a fresh linear head (:class:`ImageClassifyTask`)."""
+    from vlkit.methods.petl import apply
+
+    probe = method == "linear_probe"
+    if probe:
+        tuned = backbone.requires_grad_(False).eval()
+    else:
+        tuned = apply(method, backbone, **options)
+    dim = int(backbone.head.out_channels)  # EfficientNetBackbone.finalize pools the head conv's channels
+    return TaskModel(tuned, image_task(num_classes).make_head({"dim": dim}, linear=probe), method)
+
+
+def cnn_train_step_memory(*, preset: str, method: str, options: dict, batch_path: str, num_classes: int,
+                          lr: float = 1e-3, steps: int = 2, seed: int = 0) -> dict:
+    """The CNN peak-memory target (in :func:`vlkit.efficiency.peak_memory`'s child), as
+    :func:`train_step_memory`: build ``preset``, apply ``method`` (``linear_probe``: frozen
+    backbone in eval mode, a linear head -- its step runs the backbone without a graph), reset
+    the peak counter, run ``steps`` fused-AdamW steps on the batch at ``batch_path``."""
+    from safetensors.torch import load_file
+
+    from vlkit.models import build
+
+    batch = load_file(batch_path)
+    torch.manual_seed(seed)
+    model = _cnn_model(build(preset), method, options, num_classes).train()
+    if method == "linear_probe":
+        model.backbone.eval()
+    spec = image_task(num_classes)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    gc.collect()
+    _trim_heap()
+    reset = _reset_cpu_peak()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        spec.loss(model, batch)["loss"].backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": times[-1], "peak_reset_after_build": reset, "trainable": params(model, True)}
+
+
+def _cnn_data(cfg: SHERLConfig, profile: str | None, cache: dict) -> dict:
+    """``{"train", "test"}`` :class:`TaskData` of the CNN set (params.yaml's seed under a profile)."""
+    from vlkit import config
+
+    s = cfg.cnn_settings()
+    key = ("cnn_data", s["dataset"], repr(sorted(s["data"].items())), profile)
+    if key not in cache:
+        seed = config.seed() if profile is not None else 0
+        cache[key] = {split: image_task_data(s["dataset"], split, seed=seed, knobs=s["data"])
+                      for split in ("train", "test")}
+    return cache[key]
+
+
+def run_cnn(cfg: SHERLConfig, profile: str | None, method: str, *, seed: int = 0, measure: bool = True,
+            cache: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """One row of the CNN table: ``method`` (:data:`CNN_METHODS`) on the ``cnn`` backbone and
+    set, trained under ``seed`` with :func:`vlkit.tasks.runner.finetune` (full fine-tuning at
+    ``full_lr``, its head at ``head_lr_mult`` x; SHERL at ``lr`` with ``sherl_options``; the
+    linear probe: ``probe_epochs`` at ``probe_lr`` on features computed once), evaluated on
+    every test row; memory accounted as in Tab. 1 (:func:`memory_accounting`) on the first
+    ``memory_batch`` training images, and measured (:func:`cnn_train_step_memory`) when
+    ``memory`` is ``subprocess`` and ``method`` is among ``memory_methods``."""
+    from vlkit.models import build
+
+    cache = cache if cache is not None else {}
+    s = cfg.cnn_settings()
+    if method not in CNN_METHODS:
+        raise UnknownNameError("CNN table method", method, CNN_METHODS)
+    opts = canonical_options("sherl", s["sherl_options"]) if method == "sherl" else {}
+    key = ("cnn_run", s["backbone"], s["dataset"], method, tuple(opts.items()), seed)
+    data = _cnn_data(cfg, profile, cache)
+    spec = image_task(len(data["train"].meta["classes"]), s["dataset"])
+    lr = s["full_lr"] if method == "full" else s["lr"]
+    mb = data["train"].collate(data["train"].examples[:s["memory_batch"] or s["batch_size"]])
+    if key not in cache:
+        bkey = ("cnn_backbone", s["backbone"])
+        if bkey not in cache:
+            cache[bkey] = build(s["backbone"])
+        base = cache[bkey]
+        tc = train_config_for({**s, "lr": lr}, len(data["train"]), method == "linear_probe", seed)
+        t0 = time.perf_counter()
+        res = finetune(spec, copy.deepcopy(base), method, data=data, train_config=tc, seed=seed, eval_splits=("test",),
+                       head_lr_mult=float(s["head_lr_mult"]) if method == "full" else 1.0,
+                       method_options=_method_options(method, opts, seed) if method != "linear_probe" else None)
+        row = table_row(s["dataset"], s["backbone"], method, "yes", spec, res, data)
+        row.update(options=_describe(opts), seed=seed, lr=s["probe_lr"] if method == "linear_probe" else lr,
+                   params_pct=round(100.0 * res["trainable"]["backbone"] / params(base), 3),
+                   method_params=res["trainable"]["backbone"], head_params=res["trainable"]["head"],
+                   mem_batch=int(mb["pixel_values"].shape[0]), mem_px=int(mb["pixel_values"].shape[-1]),
+                   **memory_accounting(spec, res["model"], mb))
+        del res
+        cache[key] = row
+        log(f"{method:12s} {_describe(opts):20s} {s['dataset']:12s} {s['backbone']}: test {row['test']:6.2f} "
+            f"+- {row['test_se']:.2f}  est {row['est_mib']:8.1f} MiB  ({time.perf_counter() - t0:.0f} s)")
+    row = dict(cache[key])
+    mkey = ("cnn_peak",) + key[1:-1]
+    wanted = s["memory_methods"] is None or method in s["memory_methods"]
+    if measure and cfg.memory == "subprocess" and wanted:
+        if mkey not in cache:
+            cache[mkey] = _peak_in_child(cfg, "cnn_train_step_memory", mb, "cnn", seed, preset=s["backbone"],
+                                         method=method, options=_method_options(method, opts, seed)
+                                         if method == "sherl" else {}, num_classes=spec.num_classes, lr=float(lr))
+            log(f"             peak {cache[mkey]['peak_mib']:8.1f} MiB (accounted {row['est_mib']:.1f})")
+    if mkey in cache:
+        row.update(cache[mkey])
+    return row
+
+
+def study_cnn(cfg: SHERLConfig, profile: str | None, *, seed: int = 0, cache: dict | None = None,
+              log: Callable[[str], None] = print) -> pd.DataFrame:
+    """SHERL beyond Transformers (Sec. 3.3, Fig. 3b): every method of ``cnn.methods`` (full
+    fine-tuning, linear probe, SHERL) on the ``cnn`` backbone and set under ``seed``
+    (:func:`run_cnn`); the Tab. 1 columns (test ± SE, params %, accounted memory, measured
+    peak where measured)."""
+    cache = cache if cache is not None else {}
+    rows = [run_cnn(cfg, profile, m, seed=seed, cache=cache, log=log) for m in cfg.cnn_settings()["methods"]]
+    return _order(pd.DataFrame(rows))
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -567,3 +869,7 @@ def _order(table: pd.DataFrame, first: tuple = ()) -> pd.DataFrame:
     lead = [*first, "task", "backbone", "method", "options", "test", "test_se", "n_test", "val", "params_pct",
             "method_params", "head_params", "trainable", "est_mib", "saved_mib", "peak_mib", "seed"]
     return table[[c for c in lead if c in table] + [c for c in table if c not in lead]]
+
+
+if os.environ.get(WARMUP_ENV):  # set by the peak measurements for their children only (after every definition)
+    _warm_up_child()

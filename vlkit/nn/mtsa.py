@@ -173,10 +173,12 @@ def mtsa_num_parameters(
     score: str = "inner",
     aggregator: str = "mtsa",
     norm: bool = False,
+    in_dims: Sequence[int] | None = None,
 ) -> int:
     """Trainable parameters of :class:`MTSA` (closed form; see the class docstring).
 
-    With ``d = dim / reduction``, ``L = num_layers``, ``M = L - 1``::
+    With ``d = dim / reduction``, ``L = num_layers``, ``M = L - 1`` and every feature of
+    width ``D`` (``in_dims=None``)::
 
         L·(D·d + d + 2d² + 2d)        per-layer tiers (Eq. 1)
         + d·D + D                     shared up-projection
@@ -186,11 +188,13 @@ def mtsa_num_parameters(
         + 4d² + 4d  if aggregator="mhsa"      (q, k, v, out projections with biases)
         + 2D        if norm                    (LayerNorm after the up-projection)
 
-    e.g. D=384, r=8, L=5 (d=48), defaults: 5·23184 + 18816 + 1 = 134,737.
+    e.g. D=384, r=8, L=5 (d=48), defaults: 5·23184 + 18816 + 1 = 134,737. With per-layer
+    input widths ``in_dims = [D_0, .., D_{L-1}]`` the tiers hold ``Σ_i (D_i·d + d + 2d² + 2d)``
+    (the rest is unchanged: the up-projection maps to ``dim``).
     """
-    _validate(dim, num_layers, reduction, score, aggregator)
+    in_dims = _validate(dim, num_layers, reduction, score, aggregator, in_dims)
     d, D, L = dim // reduction, dim, num_layers
-    n = L * (D * d + d + 2 * d * d + 2 * d) + d * D + D + 1
+    n = sum(D_i * d + d + 2 * d * d + 2 * d for D_i in in_dims) + d * D + D + 1
     n += (d + 1) if score == "learned" else 0
     n += (L - 1) if aggregator == "lineara_r" else 0
     n += (4 * d * d + 4 * d) if aggregator == "mhsa" else 0
@@ -198,7 +202,9 @@ def mtsa_num_parameters(
     return n
 
 
-def _validate(dim: int, num_layers: int, reduction: int, score: str, aggregator: str) -> None:
+def _validate(dim: int, num_layers: int, reduction: int, score: str, aggregator: str,
+              in_dims: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Check the options; returns the per-layer input widths (``(dim,) * num_layers`` by default)."""
     if aggregator not in AGGREGATORS:
         raise UnknownNameError("aggregator", aggregator, AGGREGATORS)
     if score not in SCORES:
@@ -220,6 +226,14 @@ def _validate(dim: int, num_layers: int, reduction: int, score: str, aggregator:
             f"aggregator='mhsa' uses {MHSA_HEADS} heads, which do not divide the reduced width "
             f"{d} (= {dim} / {reduction})"
         )
+    if in_dims is None:
+        return (int(dim),) * int(num_layers)
+    widths = tuple(in_dims)
+    if len(widths) != int(num_layers) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(
+            f"in_dims must hold one positive int width per shallow feature ({num_layers}); got {list(widths)}"
+        )
+    return widths
 
 
 class MTSA(nn.Module):
@@ -238,6 +252,10 @@ class MTSA(nn.Module):
       aggregated per token: ``e' = agg(e, E)``.
     * ``x_last``: ``(B, K, D)``, the input the last unit would normally get (the output of
       unit ``N-2``; in the usual call this is the same tensor as ``features[-1]``).
+    * ``in_dims`` (beyond the paper's Transformers; its Sec. 3.3 CNN case): one input width per
+      shallow feature, ``features[i]`` then being ``(B, K, in_dims[i])`` -- each tier
+      down-projects from its own width, so stages of different channel counts can be merged.
+      Default: every feature has width ``dim``. ``x_last`` and the output keep width ``dim``.
     * output ``up(e') + tanh(α / T) · x_last`` with one shared ``up: d -> D``, ``α`` learnable
       and zero-initialised, ``T = 0.1``: at initialisation the merged features replace the last
       unit's input exactly; the gate lets training blend the original input back in.
@@ -285,16 +303,17 @@ class MTSA(nn.Module):
         aggregator: str = "mtsa",
         norm: bool = False,
         temperature: float = GATE_TEMPERATURE,
+        in_dims: Sequence[int] | None = None,
     ):
         super().__init__()
-        _validate(dim, num_layers, reduction, score, aggregator)
+        self.in_dims = _validate(dim, num_layers, reduction, score, aggregator, in_dims)
         if not temperature > 0:
             raise ValueError(f"gate temperature must be > 0; got {temperature}")
         self.dim, self.num_layers, self.reduction = dim, num_layers, reduction
         self.hidden = d = dim // reduction
         self.score, self.aggregator, self.temperature = score, aggregator, float(temperature)
 
-        self.tiers = nn.ModuleList(SensingTier(dim, d) for _ in range(num_layers))
+        self.tiers = nn.ModuleList(SensingTier(w, d) for w in self.in_dims)
         self.score_fc = nn.Linear(d, 1) if score == "learned" else None
         self.log_r = nn.Parameter(torch.zeros(num_layers - 1)) if aggregator == "lineara_r" else None
         self.attn = nn.MultiheadAttention(d, MHSA_HEADS, batch_first=True) if aggregator == "mhsa" else None
@@ -303,8 +322,9 @@ class MTSA(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(1))
 
     def extra_repr(self) -> str:
+        widths = "" if set(self.in_dims) == {self.dim} else f"in_dims={list(self.in_dims)}, "
         return (
-            f"dim={self.dim}, num_layers={self.num_layers}, reduction={self.reduction}, "
+            f"dim={self.dim}, num_layers={self.num_layers}, reduction={self.reduction}, {widths}"
             f"hidden={self.hidden}, score={self.score!r}, aggregator={self.aggregator!r}, "
             f"T={self.temperature}"
         )
@@ -317,12 +337,12 @@ class MTSA(nn.Module):
         """Eq. 1 on every feature; returns the guide ``e`` ``(B, K, d)`` and ``E`` ``(B, K, M, d)``."""
         if len(features) != self.num_layers:
             raise ValueError(f"MTSA was built for {self.num_layers} shallow features; got {len(features)}")
-        shape = features[0].shape
-        for i, x in enumerate(features):
-            if x.dim() != 3 or x.shape != shape or x.shape[-1] != self.dim:
+        lead = tuple(features[0].shape[:-1])
+        for i, (x, w) in enumerate(zip(features, self.in_dims)):
+            if x.dim() != 3 or tuple(x.shape[:-1]) != lead or x.shape[-1] != w:
                 raise ValueError(
-                    f"shallow feature {i} has shape {tuple(x.shape)}; every feature must be "
-                    f"(B, K, {self.dim}) and match feature 0 {tuple(shape)}"
+                    f"shallow feature {i} has shape {tuple(x.shape)}; it must be (B, K, {w}) with "
+                    f"(B, K) = {lead} of feature 0"
                 )
         projected = [tier(x) for tier, x in zip(self.tiers, features)]
         return projected[-1], torch.stack(projected[:-1], dim=-2)
@@ -351,10 +371,11 @@ class MTSA(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], x_last: torch.Tensor) -> torch.Tensor:
         e, E = self.project(features)
-        if x_last.shape != features[0].shape:
+        expected = (*features[0].shape[:-1], self.dim)
+        if tuple(x_last.shape) != expected:
             raise ValueError(
-                f"x_last has shape {tuple(x_last.shape)}; expected the shallow features' shape "
-                f"{tuple(features[0].shape)}"
+                f"x_last has shape {tuple(x_last.shape)}; expected {expected} (the shallow features' (B, K) "
+                f"and the width {self.dim})"
             )
         out = self.up(self.aggregate(e, E))
         if self.norm is not None:
