@@ -16,10 +16,11 @@
 # Wu et al., *Parameter and Computation Efficient Transfer Learning for Vision-Language
 # Pre-trained Models* (NeurIPS 2023). A policy with one logit per candidate layer samples
 # k-sets of layers to skip; every few training steps it scores S sets on **one fresh
-# validation batch** (reward `exp(-loss)`) and moves towards the sets that hurt least. The k
-# most skippable layers are then replaced by small skip adapters, the kept ones get parallel
-# adapters, and the final model is trained again from the pre-trained weights. Fewer
-# parameters are trained **and** the model is cheaper to run.
+# validation batch** (reward `exp(-loss)`; retrieval: the ITM(+ITC) loss on held-out val
+# image-caption pairs, while the final runs are scored by R@K on a gallery) and moves towards
+# the sets that hurt least. The k most skippable layers are then replaced by small skip
+# adapters, the kept ones get parallel adapters, and the final model is trained again from the
+# pre-trained weights. Fewer parameters are trained **and** the model is cheaper to run.
 #
 # This notebook reproduces the paper's three tables on the mini backbones (pre-trained in
 # this repo) and the generated tasks:
@@ -83,9 +84,12 @@ t0 = time.perf_counter()
 if rerun or not (out / "table_a.csv").is_file():
     table_a, _, searches = study_table_a(cfg, profile, seed=seed, cache=cache)
     write_table(table_a, "table_a", out, note=(
-        f"Profile `{profile}`. Test scores in percent ± one binomial SE (n = `n_test`); `val` is the split the "
-        "search's policy rounds read. `add_gmacs`: GMACs per test example (NLVR: both passes) of the final model "
-        "minus the un-adapted backbone's (`gmacs`); `trainable`: parameters updated (with the task head). "
+        f"Profile `{profile}`. Test scores in percent ± one binomial SE (n = `n_test`; retrieval: mean R@1 of "
+        "i2t and t2i on the test gallery, n = its images); `val` is the split the search's policy rounds read "
+        "(retrieval: rewards from the ITM(+ITC) loss on val image-caption pairs; `val` reports the val gallery's "
+        "R@1). `add_gmacs`: GMACs per test example (NLVR: both passes; retrieval: one image-caption pair) of the "
+        "final model minus the un-adapted backbone's (`gmacs`); `trainable`: parameters updated (with the task "
+        "head). "
         "Cached EfficientNet cells are the image input, so the CNN's GMACs are in no column."))
 else:
     table_a, searches = pd.read_csv(out / "table_a.csv"), {}

@@ -492,14 +492,25 @@ class RetrievalTask(TaskSpec):
     def load(self, split: str, *, limit: int | None = None, seed: int = 0, knobs: dict | None = None,
              profile: str | None = None, features: str = "cache", image_size: int = 128,
              text_len: int | None = None, gallery_images: int | None = None,
-             captions_per_image: int | None = None) -> TaskData:
+             captions_per_image: int | None = None, as_pairs: bool = False) -> TaskData:
         """``train``: ``limit`` images (fixed random subset), all their (caption, hard
         negative) pairs. ``val`` / ``test``: the gallery -- the first ``gallery_images``
-        images (``limit`` is its alias) and their first ``captions_per_image`` captions."""
+        images (``limit`` is its alias) and their first ``captions_per_image`` captions.
+
+        ``as_pairs=True`` (``val`` only): the split in the *training* format instead of a
+        gallery -- ``limit`` images drawn exactly as the train split draws its own
+        (:func:`subset_rows` under the data seed, salted with the split name) and all their
+        (caption, hard negative) pairs, so :meth:`loss` scores them (the DAS search's reward
+        batches). The test split is never offered in this form (nothing is tuned on it); its
+        images are generated from another seed stream than val's (:mod:`vlkit.data.splits`)."""
+        if as_pairs and split != "val":
+            raise ValueError(f"as_pairs=True loads the val split in the training format; got split {split!r} "
+                             "(train is always pairs; test is never tuned on)")
         ds, seed, knobs = self.source(split, seed=seed, knobs=knobs, profile=profile)
         n_len = text_len or self.text_len
         cpi = captions_per_image or self.captions_per_image
-        if split == "train":
+        pairs = split == "train" or as_pairs
+        if pairs:
             rows = subset_rows(len(ds), limit, seed, self.name, split)
         else:
             g = gallery_images or limit or self.gallery_images
@@ -514,7 +525,7 @@ class RetrievalTask(TaskSpec):
                             [t for c in caps for t in c[:cpi]], n_len)
         cells, where = self._cells(ds, split, rows, seed, knobs, features, image_size)
         examples = []
-        if split == "train":
+        if pairs:
             neg_texts = []
             for n, of in zip(sub["negatives"], sub["negative_of"]):
                 by_caption = {int(j): t for t, j in zip(n, of)}

@@ -214,7 +214,8 @@ def _positive_int(name: str, v, minimum: int = 1) -> int:
 def search(backbone, loss_fn: Callable[[nn.Module, Any], Any], train_data: Sequence, val_data: Sequence, *,
            k: int, scope: str = "fusion", rounds: int, S: int, every: int, policy_lr: float = 1.0,
            val_batch_size: int | None = None, warmup_epochs: int = 1, seed: int = 0, head: nn.Module | None = None,
-           collate_fn: Callable[[list], Any] | None = None, train_config: TrainConfig | None = None,
+           collate_fn: Callable[[list], Any] | None = None, val_collate_fn: Callable[[list], Any] | None = None,
+           train_config: TrainConfig | None = None,
            kept_bottleneck: int = DEFAULT_BOTTLENECK, skip_bottleneck: int | None = None, act: str = "relu",
            init: str = "bert") -> SearchResult:
     """Search the ``k`` units of ``backbone`` to skip (module docstring; DAS Sec. 3.1).
@@ -224,7 +225,9 @@ def search(backbone, loss_fn: Callable[[nn.Module, Any], Any], train_data: Seque
     loss_fn:         ``loss_fn(model, batch)`` with ``model`` a :class:`DASModel`; returns the
                      mean loss of the batch (a scalar tensor or a dict with ``"loss"``), as in
                      :func:`vlkit.train.fit` -- the same function trains and scores
-    train_data, val_data: indexable datasets, batched by ``collate_fn`` (default torch's)
+    train_data, val_data: indexable datasets, batched by ``collate_fn`` (default torch's) and
+                     ``val_collate_fn`` (default ``collate_fn``): two splits whose examples index
+                     different image stores need one collate each
     k, scope:        units skipped per set; candidates :func:`~vlkit.methods.das.apply.candidates`
     rounds, S, every: policy rounds, sets scored per round (official ``das_step``), training
                      forward calls between rounds (official ``das_turn``)
@@ -268,6 +271,7 @@ def search(backbone, loss_fn: Callable[[nn.Module, Any], Any], train_data: Seque
     total = warm_steps + rounds * steps_per_round
     cfg = dataclasses.replace(base, steps=total, epochs=None, eval_every=None, ckpt_every=None)
     collate = collate_fn if collate_fn is not None else torch.utils.data.default_collate
+    val_collate = val_collate_fn if val_collate_fn is not None else collate
 
     adapters = dict(kept_bottleneck=kept_bottleneck, skip_bottleneck=skip_bottleneck, act=act, init=init)
     model = DASModel(copy.deepcopy(backbone), copy.deepcopy(head))
@@ -294,7 +298,7 @@ def search(backbone, loss_fn: Callable[[nn.Module, Any], Any], train_data: Seque
         r = len(records)
         idx = val.indices(r)
         device = next(model.parameters()).device
-        batch = _to_device(collate([val_data[i] for i in idx]), device)
+        batch = _to_device(val_collate([val_data[i] for i in idx]), device)
         sets = sample_distinct(policy, S)
         was = model.training
         model.eval()

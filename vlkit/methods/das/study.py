@@ -9,7 +9,8 @@ What each table holds (``results/das/``; ``runs/results-ci/das/`` under ``ci``)
   found (:func:`~vlkit.methods.das.search.search`), the test score of the final run (which
   restarts from the pre-trained backbone, :func:`~vlkit.methods.das.apply.apply_das`), the
   *additional GMACs* of the final model against the un-adapted backbone (negative: cheaper;
-  one forward pass of one test example, NLVR counts its two passes), and the trainable
+  one forward pass of one test example, NLVR counts its two passes, retrieval scores one
+  image-caption pair, :func:`cell_gmacs`), and the trainable
   parameters (adapters, poolers, token-type embeddings, head). ``k = 0`` is the adapters-only
   model (DAS's "Adapter" row; method ``das``, k 0), and ``full`` is full fine-tuning with the
   same budget (``full: true``).
@@ -29,6 +30,19 @@ Budgets. Train/val/test subsets, steps and learning rates are the ``das`` sectio
 params.yaml (its keys are the ``baselines`` section's, :class:`DASConfig`); the search runs
 ``warmup_epochs`` over the training subset then ``rounds`` policy rounds of ``every`` steps,
 scoring ``S`` sets on one fresh validation batch per round. Everything is seeded.
+
+Tasks. The search scores a task by its training loss (:meth:`TaskSpec.loss`) on validation
+examples in the training format, reward ``exp(-loss)``: classification (easy-VQA, NLVR) and
+retrieval (``shapes_retrieval``). DAS (Sec. 3.1, Alg. 1) rewards a skip set by the task's
+validation loss, whatever the task. For retrieval our validation examples are **pairs**, not
+the R@K gallery: :func:`task_data` adds ``data["val_pairs"]``, the val split loaded with
+``as_pairs=True`` (:meth:`RetrievalTask.load`: ``val`` images drawn as the train split draws
+its own, every (image, caption, hard-negative caption) of them), and the reward is
+``exp(-(ITM + ITC))`` -- ITM over positives, hard-negative captions and in-batch negative
+images, plus ITC for two-tower backbones -- on one batch of those pairs: the training loss on
+held-out images. The val gallery and the test gallery keep their R@K protocol for the final
+run (Tab. A / B report mean R@1 of the two directions, :func:`table_row`); the test split is
+never read by the search.
 """
 
 from __future__ import annotations
@@ -45,19 +59,26 @@ import torch
 
 from vlkit.models.protocol import UnknownNameError
 from vlkit.seeding import seeded
-from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, table_row, task_spec,
-                                   train_config_for)
+from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task_data, gallery_options, table_row,
+                                   task_spec, train_config_for)
+from vlkit.tasks.data import TaskData
 from vlkit.tasks.metrics import seed_sd
-from vlkit.tasks.runner import ClassifyTask, TaskModel, finetune
+from vlkit.tasks.runner import TASKS, ClassifyTask, RetrievalTask, TaskModel, _with_images, finetune, get_task
 
 from .apply import SCOPES, apply_das, candidates
 from .search import search
 
-__all__ = ["DASConfig", "SEARCH_KEYS", "run_search", "final_run", "cell_gmacs", "verdict", "study_table_a",
-           "study_table_b", "study_table_c", "paper_gmacs", "policy_frame"]
+__all__ = ["DASConfig", "SEARCH_KEYS", "SEARCHABLE", "searchable_tasks", "task_data", "run_search", "final_run",
+           "cell_gmacs", "verdict", "study_table_a", "study_table_b", "study_table_c", "paper_gmacs", "policy_frame"]
 
 SEARCH_KEYS = ("rounds", "S", "every", "policy_lr", "warmup_epochs", "val_batch_size")
 TEXT_METHODS = ("full", "bitfit", "lora", "adapter")
+SEARCHABLE = (ClassifyTask, RetrievalTask)  # task kinds whose loss the search can score (module docstring)
+
+
+def searchable_tasks() -> list[str]:
+    """The vision-language tasks ``das.tasks`` may hold."""
+    return [t for t in TASKS if get_task(t).modality == "vl" and isinstance(get_task(t), SEARCHABLE)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +134,9 @@ class DASConfig(BaselinesConfig):
             if m not in PETL or m == "das":
                 raise UnknownNameError("das.text_methods method", m, [x for x in PETL if x != "das"])
         for t in self.tasks:
-            if not isinstance(task_spec(t, self), ClassifyTask):
-                raise ValueError(f"das.tasks: the search scores classification tasks (easyvqa, shapes_nlvr); "
-                                 f"{t!r} is not one")
+            if not isinstance(task_spec(t, self), SEARCHABLE):
+                raise UnknownNameError("das task (the search scores classification and retrieval losses)", t,
+                                       searchable_tasks())
         for cell in self.headline:
             if not (isinstance(cell, (list, tuple)) and len(cell) == 4):
                 raise ValueError(f"das.headline entries are [backbone, task, scope, k]; got {cell!r}")
@@ -148,19 +169,53 @@ def _head(spec, backbone, data, seed: int):
         return spec.make_head(spec.dims(backbone, data["train"]))
 
 
-def run_search(spec, backbone, data: dict, *, k: int, scope: str, settings: dict, options: dict, seed: int):
-    """DAS's search for ``k`` units of ``backbone`` on ``spec``'s training subset, policy
-    rounds on its validation subset (both from ``data``). Returns the :class:`SearchResult`."""
+def task_data(task: str, cfg: DASConfig, profile: str | None, cache: dict) -> dict:
+    """The splits of ``task`` (:func:`cached_task_data`) and, for retrieval with a val split,
+    ``"val_pairs"``: the val split in the training format (``as_pairs=True``; ``val`` images,
+    the gallery's count), which the search's policy rounds read (module docstring)."""
+    data = cached_task_data(task, cfg, profile, cache)
+    spec = task_spec(task, cfg)
+    if isinstance(spec, RetrievalTask) and "val" in data and "val_pairs" not in data:
+        s = cfg.settings(task)
+        data["val_pairs"] = spec.load("val", limit=s["val"], profile=profile, features=cfg.features,
+                                      text_len=s["text_len"], as_pairs=True, **gallery_options(cfg))
+    return data
+
+
+def _collate(spec, split: TaskData):
+    """The training collation of ``split`` (retrieval batches carry each pair's image id, so
+    an in-batch negative image that is the caption's own is masked as in :func:`finetune`)."""
+    return _with_images(split.collate) if isinstance(spec, RetrievalTask) else split.collate
+
+
+def _search_val(spec, data: dict) -> TaskData:
+    """The validation examples the policy rounds score: ``val`` (classification) or
+    ``val_pairs`` (retrieval: its ``val`` is a gallery, not training-format pairs)."""
     if "val" not in data:
         raise ValueError(f"{spec.name}: the DAS search needs a validation split (das.task_settings.{spec.name}.val "
                          "must not be 0)")
+    if not isinstance(spec, RetrievalTask):
+        return data["val"]
+    if "val_pairs" not in data:
+        raise ValueError(f"{spec.name}: the DAS search scores retrieval on val pairs in the training format; load "
+                         "the splits with vlkit.methods.das.study.task_data (data['val_pairs'], "
+                         "RetrievalTask.load('val', as_pairs=True))")
+    return data["val_pairs"]
+
+
+def run_search(spec, backbone, data: dict, *, k: int, scope: str, settings: dict, options: dict, seed: int):
+    """DAS's search for ``k`` units of ``backbone`` on ``spec``'s training subset, policy
+    rounds on its validation examples (both from ``data``; retrieval: ``data["val_pairs"]``,
+    :func:`task_data`), each split collated with its own image store. Returns the
+    :class:`SearchResult`."""
+    val = _search_val(spec, data)
     tc = train_config_for(settings, len(data["train"]), False, seed)
     o = dict(options)
-    return search(backbone, _task_loss(spec), data["train"].examples, data["val"].examples, k=k, scope=scope,
+    return search(backbone, _task_loss(spec), data["train"].examples, val.examples, k=k, scope=scope,
                   rounds=int(o["rounds"]), S=min(int(o["S"]), math.comb(len(candidates(backbone, scope)), k)),
                   every=int(o["every"]), policy_lr=float(o["policy_lr"]), warmup_epochs=int(o["warmup_epochs"]),
                   val_batch_size=o["val_batch_size"], seed=seed, head=_head(spec, backbone, data, seed),
-                  collate_fn=data["train"].collate, train_config=tc)
+                  collate_fn=_collate(spec, data["train"]), val_collate_fn=_collate(spec, val), train_config=tc)
 
 
 def final_run(spec, backbone, data: dict, *, skip, scope: str, settings: dict, seed: int,
@@ -177,12 +232,16 @@ def final_run(spec, backbone, data: dict, *, skip, scope: str, settings: dict, s
 
 
 def cell_gmacs(spec, model: torch.nn.Module, data: dict) -> float:
-    """GMACs of ``model`` for one test example of ``spec`` (NLVR: both passes), by the
-    :func:`vlkit.efficiency.macs` counter."""
+    """GMACs of ``model`` for one test example of ``spec`` (NLVR: both passes; retrieval:
+    scoring one image-caption pair -- the first test caption with its image -- i.e. one
+    forward of the pair through the backbone, what every ITM score of the gallery costs), by
+    the :func:`vlkit.efficiency.macs` counter. Heads are not counted."""
     from vlkit.efficiency import macs
 
     batch = data["test"].collate(data["test"].examples[:1])
     tm = TaskModel(model, torch.nn.Identity(), "das")
+    if isinstance(spec, RetrievalTask):
+        return macs(lambda: tm(**spec.inputs(batch))) / 1e9
     return macs(lambda: spec.encode(tm, batch)) / 1e9
 
 
@@ -220,7 +279,7 @@ def study_table_a(cfg: DASConfig, profile: str | None, *, seed: int = 0, log: Ca
     for b in cfg.backbones:
         base, pretrained = cached_backbone(b, cfg, cache)
         for t in cfg.tasks:
-            spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
+            spec, s, data = task_spec(t, cfg), cfg.settings(t), task_data(t, cfg, profile, cache)
             plain = cell_gmacs(spec, base, data)
             for method in ["das"] + (["full"] if cfg.full else []):  # k = 0 (adapters only), full fine-tuning
                 scope = cfg.scopes_of(b)[0]
@@ -264,7 +323,7 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
     runs, summary = [], []
     for b, t, scope, k in cfg.headline:
         base, pretrained = cached_backbone(b, cfg, cache)
-        spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
+        spec, s, data = task_spec(t, cfg), cfg.settings(t), task_data(t, cfg, profile, cache)
         for sd in cfg.seeds:
             key = (b, t, scope, k, sd)
             if key not in searches:
@@ -273,7 +332,8 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
                 searches[key] = (row, found)
             row = searches[key][0]
             runs.append({"backbone": b, "task": t, "scope": scope, "k": k, "kind": "DAS", "seed": sd,
-                         "skipped": row["skipped"], "test": row["test"], "test_se": row["test_se"], "val": row["val"]})
+                         "skipped": row["skipped"], "test": row["test"], "test_se": row["test_se"], "val": row["val"],
+                         "n_test": row["n_test"]})
         cands = candidates(base, scope)
         g = np.random.default_rng(seed + 7919)
         sets: list[tuple[str, ...]] = []
@@ -289,7 +349,7 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
             row = table_row(t, b, "das", pretrained, spec, res, data)
             runs.append({"backbone": b, "task": t, "scope": scope, "k": k, "kind": "random", "seed": j,
                          "skipped": " ".join(names), "test": row["test"], "test_se": row["test_se"],
-                         "val": row["val"]})
+                         "val": row["val"], "n_test": row["n_test"]})
             log(f"random {t:12s} {b:10s} {scope:6s} k={k} #{j}: skip {' '.join(names):12s} test {row['test']:6.2f}")
         cell = pd.DataFrame([r for r in runs if (r["backbone"], r["task"], r["scope"], r["k"]) == (b, t, scope, k)])
         das, rnd = cell[cell.kind == "DAS"], cell[cell.kind == "random"]
@@ -299,7 +359,7 @@ def study_table_b(cfg: DASConfig, profile: str | None, searches: dict, *, seed: 
                         "DAS sets": "; ".join(sorted(set(das.skipped))),
                         "random mean": round(rnd.test.mean(), 2), "random sd": round(sd_r, 2), "random runs": len(rnd),
                         "random sets": "; ".join(rnd.skipped), "test SE": round(float(cell.test_se.mean()), 2),
-                        "n_test": len(data["test"]),
+                        "n_test": int(cell.n_test.iloc[0]),  # the rows' queries (retrieval: gallery images)
                         "verdict": verdict(das.test.mean(), sd_d, rnd.test.mean(), sd_r, float(cell.test_se.mean()))})
     return pd.DataFrame(summary), pd.DataFrame(runs)
 
@@ -311,7 +371,7 @@ def study_table_c(cfg: DASConfig, profile: str | None, *, seed: int = 0, log: Ca
     cache = cache if cache is not None else {}
     b, t = cfg.text_backbones[0], cfg.text_tasks[0]
     base, pretrained = cached_backbone(b, cfg, cache)
-    spec, s, data = task_spec(t, cfg), cfg.settings(t), cached_task_data(t, cfg, profile, cache)
+    spec, s, data = task_spec(t, cfg), cfg.settings(t), task_data(t, cfg, profile, cache)
     plain = cell_gmacs(spec, base, data)
     rows, policy = [], []
     for m in cfg.text_methods:
