@@ -83,9 +83,8 @@ counter, cached image cells as input (the frozen CNN is in no column). The embed
 MACs are the vision embedding's (the cell / patch projection; text embeddings are lookups) and
 the pooler's are the fusion encoder's, as in :meth:`vlkit.models.xvlm.XVLM.parts`.
 
-Tab. 4's pre-training half (task-agnostic distillation on the caption corpus, objectives
-added one by one) is not run: it does not fit the stage's 30-minute budget on 2 CPU cores
-(the notebook says so).
+Tab. 4's pre-training half (task-agnostic distillation on the pre-training corpus,
+objectives added one by one, then fine-tune only) is :func:`.pretrain_kd.table_4_pretrain`.
 
 Runtime: ``ci`` about 30 s of CPU. ``default`` (2 tasks, 3 seeds on shapes_nlvr: 2 teacher
 fine-tunes and 21 student runs of 48 steps at batch 16, 16 of them with the teacher running
@@ -162,7 +161,8 @@ class EVLMConfig(BaselinesConfig):
     ``ablation_tasks``: Tab. 4; ``sensitivity``: Fig. 2 (:data:`SENSITIVITY_KEYS`);
     ``paper_presets`` / ``paper_sparsity``: Tab. 2's paper-size rows; ``latency_benches``:
     the bench files Tab. 2 reads; ``tolerance``: how far the achieved sparsity of a pruned
-    model may sit from its target (the notebook asserts it)."""
+    model may sit from its target (the notebook asserts it); ``pretrain_kd``: Tab. 4's pre-training distillation
+    (:data:`.pretrain_kd.PRETRAIN_KD_KEYS`, :func:`.pretrain_kd.check_pretrain_kd`)."""
 
     teacher: str = "xvlm-mini"
     student: str = "xvlm-mini-half"
@@ -183,6 +183,7 @@ class EVLMConfig(BaselinesConfig):
     paper_sparsity: float = 0.5
     latency_benches: list[str] = dataclasses.field(default_factory=lambda: ["prune_xvlm"])
     tolerance: float = 0.05
+    pretrain_kd: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -242,6 +243,7 @@ class EVLMConfig(BaselinesConfig):
         if not self.seeds:
             raise ValueError("evlm.seeds must not be empty")
         self.distill_config()  # unknown keys / bad weights raise here, naming them
+        self.pretrain_kd_options()
         if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance <= 1):
             raise ValueError(f"evlm.tolerance must be in (0, 1], got {self.tolerance!r}")
 
@@ -253,6 +255,12 @@ class EVLMConfig(BaselinesConfig):
         """:data:`PRUNE_DEFAULTS` < ``prune`` (``init_log_alpha`` merged per key)."""
         init = {**PRUNE_DEFAULTS["init_log_alpha"], **(self.prune.get("init_log_alpha") or {})}
         return {**PRUNE_DEFAULTS, **self.prune, "init_log_alpha": init}
+
+    def pretrain_kd_options(self) -> dict:
+        """Tab. 4's pre-training KD settings (:mod:`.pretrain_kd`): its defaults < ``pretrain_kd``."""
+        from .pretrain_kd import check_pretrain_kd
+
+        return check_pretrain_kd(self.pretrain_kd)
 
     def sensitivity_options(self) -> dict:
         return {**SENSITIVITY_DEFAULTS, **self.sensitivity}
