@@ -47,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
             knobs = yaml.safe_load(f) or {}
         for part in (args.section.split(".") if args.section else []):
             knobs = knobs[part]
-    for name in args.names or DATASETS:
-        kw = dict(knobs.get(name) or {})
-        folder = materialise(name, seed=args.seed, data_dir=args.data_dir, cache_dir=args.cache_dir, **kw)
-        dd = load_all(name, seed=args.seed, data_dir=args.data_dir, cache_dir=args.cache_dir, **kw)
-        rows = " ".join(f"{s}={len(dd[s])}" for s in SPLITS)
-        print(f"{name:17s} {folder.name}  {rows}  {folder}")
+    from .stage import stage_time
+
+    with stage_time("data", args.profile):
+        for name in args.names or DATASETS:
+            kw = dict(knobs.get(name) or {})
+            folder = materialise(name, seed=args.seed, data_dir=args.data_dir, cache_dir=args.cache_dir, **kw)
+            dd = load_all(name, seed=args.seed, data_dir=args.data_dir, cache_dir=args.cache_dir, **kw)
+            rows = " ".join(f"{s}={len(dd[s])}" for s in SPLITS)
+            print(f"{name:17s} {folder.name}  {rows}  {folder}")
     return 0
 
 

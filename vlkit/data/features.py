@@ -316,14 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             knobs = yaml.safe_load(f) or {}
         for part in (args.section.split(".") if args.section else []):
             knobs = knobs[part]
-    for name in names:
-        for split in args.split or SPLITS:
-            kw = dict(knobs.get(name) or {})
-            feats = cached_features(name, split, args.size, seed=seed, data_dir=args.data_dir,
-                                    features_dir=args.features_dir, batch_size=args.batch_size, **kw)
-            path = features_path(name, split, args.size, seed=seed, data_dir=args.data_dir,
-                                 features_dir=args.features_dir, **kw)
-            print(f"{name:17s} {split:5s} {tuple(feats.shape)}  {path}")
+    from .stage import stage_time
+
+    with stage_time("features", args.profile):
+        for name in names:
+            for split in args.split or SPLITS:
+                kw = dict(knobs.get(name) or {})
+                feats = cached_features(name, split, args.size, seed=seed, data_dir=args.data_dir,
+                                        features_dir=args.features_dir, batch_size=args.batch_size, **kw)
+                path = features_path(name, split, args.size, seed=seed, data_dir=args.data_dir,
+                                     features_dir=args.features_dir, **kw)
+                print(f"{name:17s} {split:5s} {tuple(feats.shape)}  {path}")
     return 0
 
 

@@ -47,3 +47,15 @@ def load_for(profile: str | None, name: str, split: str, **extra):
     from vlkit import config
 
     return load(name, split, seed=config.seed(), **{**data_config(profile).knobs_for(name), **extra})
+
+
+def stage_time(stage: str, profile: str | None):
+    """The DVC stage's wall time in ``results/timings/<stage>.<profile>.json`` when run for a
+    profile (as ``dvc repro`` does); a no-op context otherwise."""
+    import contextlib
+
+    if not profile:
+        return contextlib.nullcontext()
+    from vlkit.results import results_dir, stage_timer
+
+    return stage_timer(stage, profile, results_dir(profile))
