@@ -26,7 +26,11 @@ build happens on the CPU and is not seen either). Beside the peak, ``saved_gib``
 deterministic part, measured in the parent process: the bytes of the distinct tensors autograd
 saves for backward during one training forward (``torch.autograd.graph.saved_tensors_hooks``;
 weights excluded, the frozen features that a method's trainable down-projections read included).
-Ratios are to full fine-tuning.
+Ratios are to full fine-tuning. ``test_peak_gib`` is SHERL Tab. 1's *test* memory: the same
+model, head and batch in a second fresh subprocess, eval mode under ``torch.inference_mode``
+(:func:`test_steps`); every method then runs its whole backbone, so the test peaks are the
+weights plus one forward's live activations, and differ between methods only by their extra
+modules (LST's side network, UniPT's and SHERL's adapters).
 
 **Cache** (``results/bench/sherl_cache.<device>.json``): a SHERL epoch on ``--cache-examples``
 random examples (length 128, batch 32) for ``bert-base`` and ``minilm``, recomputing the frozen
@@ -151,11 +155,9 @@ def saved_bytes(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
     return n
 
 
-def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LEN, dev: str = "cpu",
-                warmup: int = 1, repeats: int = 2, seed: int = 0) -> dict:
-    """Build ``preset``, apply ``method`` (defaults), add a linear head and run ``warmup + repeats``
-    AdamW training steps on ``dev``; return the timing and parameter counts (the peak-memory target)."""
-    device = dev
+def _build_with_head(preset: str, method: str, batch_size: int, seq_len: int, dev: str, seed: int):
+    """``preset`` with ``method`` applied (its defaults), a linear 2-way head on the pooled output,
+    a seeded input batch and labels, all on ``dev`` (the model and head are built on the CPU)."""
     torch.manual_seed(seed)
     backbone = build(preset)
     model = apply(method, backbone)
@@ -163,10 +165,19 @@ def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
     with torch.no_grad():
         width = backbone(**{k: v[:1] for k, v in inputs.items()}).pooled.shape[-1]
     head = nn.Linear(width, 2)
-    model.to(device)
-    head.to(device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    labels = torch.randint(0, 2, (batch_size,), generator=torch.Generator().manual_seed(seed)).to(device)
+    model.to(dev)
+    head.to(dev)
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    labels = torch.randint(0, 2, (batch_size,), generator=torch.Generator().manual_seed(seed)).to(dev)
+    return model, head, inputs, labels
+
+
+def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LEN, dev: str = "cpu",
+                warmup: int = 1, repeats: int = 2, seed: int = 0) -> dict:
+    """Build ``preset``, apply ``method`` (defaults), add a linear head and run ``warmup + repeats``
+    AdamW training steps on ``dev``; return the timing and parameter counts (the peak-memory target)."""
+    device = dev
+    model, head, inputs, labels = _build_with_head(preset, method, batch_size, seq_len, dev, seed)
     trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
@@ -186,6 +197,27 @@ def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
             "total_params": params(model), "head_params": params(head), "cpu_peak_reset_after_build": reset}
 
 
+def test_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LEN, dev: str = "cpu",
+               warmup: int = 1, repeats: int = 2, seed: int = 0) -> dict:
+    """The test-time twin of :func:`train_steps` (SHERL Tab. 1's "test memory"): the same model,
+    head and batch, in eval mode under ``torch.inference_mode`` -- a forward and the head's
+    logits, no optimiser state, no saved activations. Every method runs its whole backbone here
+    (SHERL's frozen prefix cannot be cached for unseen inputs), so the test peaks differ only by
+    each method's extra modules and their activations."""
+    model, head, inputs, _ = _build_with_head(preset, method, batch_size, seq_len, dev, seed)
+    model.eval()
+    head.eval()
+
+    def step():
+        with torch.inference_mode():
+            head(model(**inputs).pooled)
+
+    gc.collect()
+    reset = _reset_cpu_peak() if dev == "cpu" else False
+    t = latency(step, warmup=warmup, repeats=repeats, device=dev, dtype=torch.float32, batch_size=batch_size)
+    return {"step_median_s": t["median_s"], "step_times_s": t["times_s"], "cpu_peak_reset_after_build": reset}
+
+
 def memory_rows(device: str, batch_size: int, presets=PRESETS, methods=METHODS) -> list[dict]:
     rows = []
     os.environ[WARMUP_ENV] = "1"  # inherited by the peak_memory subprocesses
@@ -196,10 +228,14 @@ def memory_rows(device: str, batch_size: int, presets=PRESETS, methods=METHODS) 
             r = peak_memory("bench.bench_memory:train_steps", device, threads=CPU_THREADS if device == "cpu" else None,
                             preset=preset, method=method, batch_size=batch_size, seq_len=SEQ_LEN, dev=device)
             res = r["result"]
+            test = peak_memory("bench.bench_memory:test_steps", device,
+                               threads=CPU_THREADS if device == "cpu" else None,
+                               preset=preset, method=method, batch_size=batch_size, seq_len=SEQ_LEN, dev=device)
             saved = saved_bytes(preset, method, batch_size, SEQ_LEN, device)
             row = {"preset": preset, "method": method, "batch": batch_size, "seq_len": SEQ_LEN, "dtype": "float32",
                    "peak_gib": round(r["gib"], 4), "saved_gib": round(saved / 2**30, 4),
-                   "step_s": round(res["step_median_s"], 4),
+                   "step_s": round(res["step_median_s"], 4), "test_peak_gib": round(test["gib"], 4),
+                   "test_s": round(test["result"]["step_median_s"], 4),
                    "trainable_params": res["trainable_params"], "total_params": res["total_params"]}
             if method == "full":
                 base = row
@@ -207,9 +243,10 @@ def memory_rows(device: str, batch_size: int, presets=PRESETS, methods=METHODS) 
                 row["mem_vs_full"] = round(row["peak_gib"] / base["peak_gib"], 4)
                 row["saved_vs_full"] = round(row["saved_gib"] / base["saved_gib"], 4)
                 row["time_vs_full"] = round(row["step_s"] / base["step_s"], 4)
+                row["test_mem_vs_full"] = round(row["test_peak_gib"] / base["test_peak_gib"], 4)
             rows.append(row)
             print(f"{preset:10s} {method:6s} peak {row['peak_gib']:.3f} GiB  saved {row['saved_gib']:.3f} GiB  "
-                  f"step {row['step_s']:.2f} s  "
+                  f"step {row['step_s']:.2f} s  test peak {row['test_peak_gib']:.3f} GiB  "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
@@ -225,6 +262,8 @@ def memory_checks(rows: list[dict]) -> dict:
             if ("bert-base", other) in get:
                 out[f"bert_sherl_peak_below_{other}"] = s["peak_gib"] < get[("bert-base", other)]["peak_gib"]
                 out[f"bert_sherl_saved_below_{other}"] = s["saved_gib"] < get[("bert-base", other)]["saved_gib"]
+        if "test_mem_vs_full" in s:
+            out["bert_sherl_test_mem_vs_full"] = s["test_mem_vs_full"]
     if ("t5-base", "sherl") in get and ("t5-base", "full") in get:
         out["t5_sherl_mem_vs_full"] = get[("t5-base", "sherl")]["mem_vs_full"]
         out["t5_paper_ratio"] = round(PAPER["t5-base"]["sherl_gb"] / PAPER["t5-base"]["full_gb"], 4)
@@ -317,7 +356,9 @@ def run(device: str, *, skip_cache: bool = False, only_cache: bool = False, cach
         rows = memory_rows(dev.type if dev.type == "cpu" else str(dev), BATCH[dev.type])
         payload = {**meta, "rows": rows, "checks": memory_checks(rows), "paper": PAPER,
                    "method": ("fresh subprocess per config (vlkit.efficiency.peak_memory); 1 warm-up + 2 timed AdamW "
-                              "steps; CPU: peak RSS reset after the model build; CUDA: max_memory_allocated"),
+                              "steps; CPU: peak RSS reset after the model build; CUDA: max_memory_allocated; "
+                              "test_*: the same model, head and batch in a second fresh subprocess, eval mode "
+                              "under torch.inference_mode (forward + head, 1 warm-up + 2 timed)"),
                    "sherl_t5_design": ("encoder and decoder regulated (official T5 code): all Enc units and Dec0..L-2 "
                                        "run without a graph; an encoder MTSA (+LayerNorm) replaces the context and a "
                                        "decoder MTSA feeds the last decoder unit")}
