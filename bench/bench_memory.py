@@ -43,12 +43,22 @@ backward, FlopCounter / 2 under the math attention backend).
 Targets (issue #8): SHERL's peak <= 0.25x full fine-tuning on bert-base and below LST's and
 UniPT's; T5-base vs the paper's 2.9 GB / 17.6 GB; a cached bert-base SHERL epoch >= 3x faster.
 
-Measured here (2 shared CPU cores; other jobs kept the 1-minute load average at 4-10, recorded
-in the files): bert-base batch 8 -- full 2.69 GiB, LST 0.59, UniPT 0.62, SHERL 0.58 GiB peak
-(SHERL 0.22x full; the three METL peaks lie within the +-0.04 GiB run-to-run spread of peak RSS,
-all dominated by the 0.41 GiB of frozen weights); autograd-saved activations: full 0.85, LST
-0.12, SHERL 0.082, UniPT 0.065 GiB. T5-base batch 8: full 6.88 GiB, SHERL 1.21 GiB (0.18x; the
-paper: 2.9 / 17.6 GB = 0.16x). Step times under that load are not reliable. Cache: MACs ratio
+Measured here (session 4, 2 CPU cores, an NLVR calibration job beside it: load average 0.9 at
+the start, 3.8 at the end -- memory is unaffected, step times are not reliable): bert-base
+batch 8 -- full 2.72 GiB, LST 0.63, UniPT 0.59, SHERL 0.59 GiB training peak (SHERL 0.215x full;
+the three METL peaks lie within the +-0.04 GiB run-to-run spread of peak RSS, all dominated by
+the 0.41 GiB of frozen weights; session 3 measured 0.58 / 0.59 / 0.62 for SHERL / LST / UniPT);
+autograd-saved activations: full 0.85, LST 0.12, SHERL 0.082, UniPT 0.065 GiB. Test peaks:
+full 0.48 GiB, the three METL methods 0.52-0.53 (1.08-1.09x full: their extra modules run on
+top of the whole backbone at test time). T5-base batch 8: full 6.81 GiB, SHERL 1.19 GiB
+(0.17x; the paper: 2.9 / 17.6 GB = 0.16x), UniPT 0.98, LST 1.40; test peaks 0.90 (full) to
+0.99 (SHERL). Why SHERL sits above UniPT on T5 (and not on BERT): with the official
+encoder-decoder design (:mod:`vlkit.methods.sherl`, ``regulate_context``) SHERL trains two MTSAs
+(encoder and decoder) and backpropagates through the last pre-trained decoder block, whose
+self- *and* cross-attention over 128 encoder tokens keep full-width activations; UniPT only
+rebuilds the decoder's final feature from frozen ones, with no pre-trained block in the graph.
+The SHERL paper's 0.16x is the same design; ``regulate_context=False`` (decoder only) is the
+cheaper variant. Cache: MACs ratio
 5.6x (bert-base) and 3.3x (MiniLM); wall-clock with 2 threads 2.6-3.2x over four runs -- on an
 oversubscribed machine every 2-thread OpenMP region waits for a scheduler slice, which costs the
 cached step's many small ops far more than the prefix's large matmuls (an AdamW step over the
