@@ -69,7 +69,7 @@ from .metrics import accuracy, macro_f1
 
 __all__ = ["TASKS", "TaskSpec", "ClassifyTask", "NLVRTask", "RetrievalTask", "TaskModel", "LinearPairHead",
            "RetrievalHead", "get_task", "finetune", "subset_rows", "recall_at_k_relevant", "chance_recall_at_k",
-           "METHODS_EXTRA", "fusion_start"]
+           "METHODS_EXTRA", "fusion_start", "training_collate"]
 
 METHODS_EXTRA = ("full", "linear_probe")  # besides vlkit.methods.petl.METHODS
 FEATURES = ("cache", "compute")
@@ -808,6 +808,13 @@ def _with_images(collate: Callable[[list], dict]) -> Callable[[list], dict]:
     return run
 
 
+def training_collate(spec: TaskSpec, data: TaskData) -> Callable[[list], dict]:
+    """The collation of ``data`` for training with ``spec``'s loss: the split's own, and for
+    retrieval also each pair's image id (see :func:`_with_images`). The one place :func:`finetune`
+    and the method studies (DAS's search) get their training batches from."""
+    return _with_images(data.collate) if isinstance(spec, RetrievalTask) else data.collate
+
+
 def finetune(task: str | TaskSpec, backbone: str | nn.Module, method: str = "full", *,
              data: dict[str, TaskData] | None = None, train_config=None, profile: str | None = None,
              limit: dict | None = None, method_options: dict | None = None,
@@ -867,7 +874,7 @@ def finetune(task: str | TaskSpec, backbone: str | nn.Module, method: str = "ful
         result = fit(model.head, lambda h, b: spec.head_loss(h, b["enc"], b), items, config=cfg,
                      collate_fn=_collate_encoded, run_dir=run_dir)
     else:
-        collate = _with_images(train.collate) if isinstance(spec, RetrievalTask) else train.collate
+        collate = training_collate(spec, train)
         groups = None
         if head_lr_mult is not None:
             from vlkit.train import default_param_groups

@@ -63,7 +63,7 @@ from vlkit.tasks.baselines import (BaselinesConfig, cached_backbone, cached_task
                                    task_spec, train_config_for)
 from vlkit.tasks.data import TaskData
 from vlkit.tasks.metrics import seed_sd
-from vlkit.tasks.runner import TASKS, ClassifyTask, RetrievalTask, TaskModel, _with_images, finetune, get_task
+from vlkit.tasks.runner import TASKS, ClassifyTask, RetrievalTask, TaskModel, finetune, get_task, training_collate
 
 from .apply import SCOPES, apply_das, candidates
 from .search import search
@@ -182,10 +182,6 @@ def task_data(task: str, cfg: DASConfig, profile: str | None, cache: dict) -> di
     return data
 
 
-def _collate(spec, split: TaskData):
-    """The training collation of ``split`` (retrieval batches carry each pair's image id, so
-    an in-batch negative image that is the caption's own is masked as in :func:`finetune`)."""
-    return _with_images(split.collate) if isinstance(spec, RetrievalTask) else split.collate
 
 
 def _search_val(spec, data: dict) -> TaskData:
@@ -215,7 +211,8 @@ def run_search(spec, backbone, data: dict, *, k: int, scope: str, settings: dict
                   rounds=int(o["rounds"]), S=min(int(o["S"]), math.comb(len(candidates(backbone, scope)), k)),
                   every=int(o["every"]), policy_lr=float(o["policy_lr"]), warmup_epochs=int(o["warmup_epochs"]),
                   val_batch_size=o["val_batch_size"], seed=seed, head=_head(spec, backbone, data, seed),
-                  collate_fn=_collate(spec, data["train"]), val_collate_fn=_collate(spec, val), train_config=tc)
+                  collate_fn=training_collate(spec, data["train"]), val_collate_fn=training_collate(spec, val),
+                  train_config=tc)
 
 
 def final_run(spec, backbone, data: dict, *, skip, scope: str, settings: dict, seed: int,
