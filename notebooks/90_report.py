@@ -143,10 +143,11 @@ t3 = rp.evlm_table3(res)
 
 
 def draw_das(ax, pts):
-    sns.scatterplot(data=pts, x="gmacs_change_pct", y="test", hue="backbone", style="method", s=60, ax=ax)
-    for _, r in pts[pts.method == "das"].iterrows():
-        ax.annotate(f"k={int(r['k'])}", (r["gmacs_change_pct"], r["test"]), fontsize=7, xytext=(4, -3),
-                    textcoords="offset points")
+    # marker = task (their metrics differ: accuracy, or mean R@1 for retrieval), label = method
+    sns.scatterplot(data=pts, x="gmacs_change_pct", y="test", hue="backbone", style="task", s=60, ax=ax)
+    for _, r in pts.iterrows():
+        ax.annotate(str(r["label"]).replace("DAS ", ""), (r["gmacs_change_pct"], r["test"]), fontsize=6,
+                    xytext=(4, -3), textcoords="offset points")
     ax.axvline(0, color="grey", lw=0.6)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
 
@@ -158,8 +159,8 @@ def draw_evlm(ax, t3):
 
 
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), gridspec_kw={"wspace": 0.55})
-panel(axes[0], pts, draw_das, "GMACs change per example vs the plain backbone (%)", "test score (%)",
-      "DAS (Tabs. A, C)")
+panel(axes[0], pts, draw_das, "GMACs change per example vs the plain backbone (%)",
+      "test score (%; retrieval: mean R@1)", "DAS (Tabs. A, C)")
 panel(axes[1], t3, draw_evlm, "GMACs per example (log scale)", "test score (%)", "EfficientVLM (Tab. 3)")
 fig.suptitle(f"Score against inference cost (profile {profile})")
 save_figure(fig, out, "score_vs_gmacs")
