@@ -186,7 +186,6 @@ def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
                 warmup: int = 1, repeats: int = 2, seed: int = 0) -> dict:
     """Build ``preset``, apply ``method`` (defaults), add a linear head and run ``warmup + repeats``
     AdamW training steps on ``dev``; return the timing and parameter counts (the peak-memory target)."""
-    device = dev
     model, head, inputs, labels = _build_with_head(preset, method, batch_size, seq_len, dev, seed)
     trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=1e-4)
@@ -201,8 +200,8 @@ def train_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LE
         opt.step()
 
     gc.collect()
-    reset = _reset_cpu_peak() if device == "cpu" else False
-    t = latency(step, warmup=warmup, repeats=repeats, device=device, dtype=torch.float32, batch_size=batch_size)
+    reset = _reset_cpu_peak() if dev == "cpu" else False
+    t = latency(step, warmup=warmup, repeats=repeats, device=dev, dtype=torch.float32, batch_size=batch_size)
     return {"step_median_s": t["median_s"], "step_times_s": t["times_s"], "trainable_params": params(model, True),
             "total_params": params(model), "head_params": params(head), "cpu_peak_reset_after_build": reset}
 
@@ -231,16 +230,15 @@ def test_steps(preset: str, method: str, batch_size: int, seq_len: int = SEQ_LEN
 def memory_rows(device: str, batch_size: int, presets=PRESETS, methods=METHODS) -> list[dict]:
     rows = []
     os.environ[WARMUP_ENV] = "1"  # inherited by the peak_memory subprocesses
+    threads = CPU_THREADS if device == "cpu" else None
     for preset in presets:
         base = None
         for method in methods:
             t0 = time.time()
-            r = peak_memory("bench.bench_memory:train_steps", device, threads=CPU_THREADS if device == "cpu" else None,
-                            preset=preset, method=method, batch_size=batch_size, seq_len=SEQ_LEN, dev=device)
+            config = dict(preset=preset, method=method, batch_size=batch_size, seq_len=SEQ_LEN, dev=device)
+            r = peak_memory("bench.bench_memory:train_steps", device, threads=threads, **config)
             res = r["result"]
-            test = peak_memory("bench.bench_memory:test_steps", device,
-                               threads=CPU_THREADS if device == "cpu" else None,
-                               preset=preset, method=method, batch_size=batch_size, seq_len=SEQ_LEN, dev=device)
+            test = peak_memory("bench.bench_memory:test_steps", device, threads=threads, **config)
             saved = saved_bytes(preset, method, batch_size, SEQ_LEN, device)
             row = {"preset": preset, "method": method, "batch": batch_size, "seq_len": SEQ_LEN, "dtype": "float32",
                    "peak_gib": round(r["gib"], 4), "saved_gib": round(saved / 2**30, 4),

@@ -12,13 +12,10 @@ from vlkit.models import build
 
 
 @pytest.fixture
-def tiny_build(monkeypatch):
+def head_modes(monkeypatch):
+    """Tiny models, a fake ``latency`` that just calls the step ``warmup + repeats`` times, and
+    the list of (inference mode, head.training, output requires grad) the head sees per call."""
     monkeypatch.setattr(bm, "build", lambda preset: build(preset, **bm.TINY[preset]))
-
-
-@pytest.mark.parametrize("method", ["full", "sherl"])
-def test_test_steps_runs_inference_mode_and_eval(tiny_build, monkeypatch, method):
-    seen = []
 
     def fake_latency(fn, **kw):
         for _ in range(kw["warmup"] + kw["repeats"]):
@@ -26,7 +23,7 @@ def test_test_steps_runs_inference_mode_and_eval(tiny_build, monkeypatch, method
         return {"median_s": 0.0, "times_s": [0.0]}
 
     monkeypatch.setattr(bm, "latency", fake_latency)
-    real = bm._build_with_head
+    seen, real = [], bm._build_with_head
 
     def spy(*a, **k):
         model, head, inputs, labels = real(*a, **k)
@@ -35,25 +32,19 @@ def test_test_steps_runs_inference_mode_and_eval(tiny_build, monkeypatch, method
         return model, head, inputs, labels
 
     monkeypatch.setattr(bm, "_build_with_head", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["full", "sherl"])
+def test_test_steps_runs_inference_mode_and_eval(head_modes, method):
     bm.test_steps("bert-base", method, batch_size=2, seq_len=8, warmup=1, repeats=2)
-    assert seen == [(True, False, False)] * 3
+    assert head_modes == [(True, False, False)] * 3
 
 
-def test_train_steps_builds_a_graph(tiny_build, monkeypatch):
+def test_train_steps_builds_a_graph(head_modes):
     """The training twin, same spy: grad mode on, train mode (so the test above can fail)."""
-    seen = []
-    monkeypatch.setattr(bm, "latency", lambda fn, **kw: (fn(), {"median_s": 0.0, "times_s": [0.0]})[1])
-    real = bm._build_with_head
-
-    def spy(*a, **k):
-        model, head, inputs, labels = real(*a, **k)
-        head.register_forward_hook(lambda m, i, o: seen.append((torch.is_inference_mode_enabled(), m.training,
-                                                                 o.requires_grad)))
-        return model, head, inputs, labels
-
-    monkeypatch.setattr(bm, "_build_with_head", spy)
-    bm.train_steps("bert-base", "sherl", batch_size=2, seq_len=8)
-    assert seen == [(False, True, True)]
+    bm.train_steps("bert-base", "sherl", batch_size=2, seq_len=8, warmup=0, repeats=1)
+    assert head_modes == [(False, True, True)]
 
 
 def _row(preset, method, peak, saved, test, full_peak, full_test):

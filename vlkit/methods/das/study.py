@@ -182,8 +182,6 @@ def task_data(task: str, cfg: DASConfig, profile: str | None, cache: dict) -> di
     return data
 
 
-
-
 def _search_val(spec, data: dict) -> TaskData:
     """The validation examples the policy rounds score: ``val`` (classification) or
     ``val_pairs`` (retrieval: its ``val`` is a gallery, not training-format pairs)."""

@@ -178,7 +178,7 @@ def pretrain_distill(study, objectives: Sequence[str], steps: int, seed: int, *,
     base_t, base_s, _ = study.backbones()
     teacher, student = copy.deepcopy(base_t).eval(), copy.deepcopy(base_s)
     teacher.requires_grad_(False)
-    pobj = list(pcfg.objectives.get("xvlm-mini", ["itm", "mlm"]))
+    pobj = list(pcfg.objectives.get(study.cfg.teacher, ["itm", "mlm"]))  # the pre-training the student derives from
     vocab = student.text_embeddings.word_embeddings.num_embeddings
     collate = collator_for(corpus, pcfg, vocab, objectives=pobj)
     t_head = None
