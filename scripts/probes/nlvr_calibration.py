@@ -41,15 +41,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-train", type=int, default=1024)
     ap.add_argument("--backbone", default="vilt-mini")
     ap.add_argument("--no-weights", action="store_true", help="skip the in-repo pre-training checkpoint")
+    ap.add_argument("--weights", default=None, help="another checkpoint folder (default: the pretrain stage's)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--schedule", default="constant")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1: two probes side by side on 2 cores)")
+    ap.add_argument("--n-val", type=int, default=300)
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     knobs = json.loads(a.knobs)
-    weights = None if a.no_weights else f"runs/pretrain/{a.backbone}/final"
+    weights = None if a.no_weights else (a.weights or f"runs/pretrain/{a.backbone}/final")
     spec = get_task("shapes_nlvr")
-    data = {s: spec.load(s, limit=n, knobs=knobs, features="compute") for s, n in (("train", a.n_train), ("val", 300))}
+    data = {s: spec.load(s, limit=n, knobs=knobs, features="compute") for s, n in (("train", a.n_train), ("val", a.n_val))}
     cfg = TrainConfig(epochs=a.epochs, batch_size=32, lr=a.lr, seed=0, progress=False, warmup_steps=a.warmup_steps,
                       schedule=a.schedule)
     out = finetune(spec, a.backbone, "full", data=data, train_config=cfg, eval_splits=("val",), weights=weights,
