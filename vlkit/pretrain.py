@@ -128,7 +128,7 @@ IGNORE = -100  # cross-entropy ignore index (labels of unmasked tokens)
 POSITIVE, RANDOM_NEG, HARD_NEG = 0, 1, 2
 
 __all__ = ["PretrainConfig", "Source", "Corpus", "PretrainCollator", "MLMHead", "PretrainModel", "PretrainResult",
-           "mask_tokens", "caption_program", "shapes_source", "easyvqa_source", "build_corpus", "pretrain_preset",
+           "mask_tokens", "pretrain_loss", "caption_program", "shapes_source", "easyvqa_source", "build_corpus", "pretrain_preset",
            "export_final", "read_final", "run_dir_for", "weights_for", "pretrained_backbone", "helps", "helps_table",
            "run", "main", "OBJECTIVES", "PRETRAIN_PRESETS", "CORPORA"]
 
@@ -731,7 +731,9 @@ class PretrainModel(nn.Module):
         return out
 
 
-def _loss_fn(model: PretrainModel, batch: dict) -> dict:
+def pretrain_loss(model: PretrainModel, batch: dict) -> dict:
+    """The loss record of one pre-training batch (the `fit` loss function of pre-training and of
+    pre-training KD's probe): the model's own forward, one loss per objective and their sum."""
     return model(batch)
 
 
@@ -954,7 +956,7 @@ def pretrain_preset(preset: str, cfg: PretrainConfig, corpus: Corpus, val_corpus
             atomic_write_text(before_file, json.dumps({"params_hash": phash, "metrics": before}, indent=1) + "\n")
     resumed = int(read_meta(found)["step"]) if found is not None else 0
     t0, c0 = time.perf_counter(), time.process_time()
-    result = fit(model, _loss_fn, corpus, config=tcfg, collate_fn=collate, run_dir=run_dir, resume=resume,
+    result = fit(model, pretrain_loss, corpus, config=tcfg, collate_fn=collate, run_dir=run_dir, resume=resume,
                  params_hash=phash, param_groups=param_groups(model, new, cfg.lr, cfg.lr_new_mult, cfg.weight_decay),
                  stop_at_step=stop_at_step)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -1,5 +1,6 @@
 """The baselines table: every backbone x task with full fine-tuning, a linear probe on the
-frozen backbone, and chance -- each with its test-set size and standard error.
+frozen backbone, chance and a text-only baseline -- each with its test-set size and
+standard error.
 
     python -m vlkit.tasks.baselines --profile default     # -> results/baselines.{csv,md}
 
@@ -250,8 +251,10 @@ def table_row(task: str, backbone: str, method: str, pretrained: str, spec, res:
 
 
 def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_tower: bool = True) -> list[dict]:
-    """Chance rows of ``task``: the train-majority class (classification) or the expected
-    R@K of a random ranking on each gallery in use (retrieval)."""
+    """Reference rows of ``task`` that train no backbone: for classification the
+    train-majority class and the text-only baseline (:meth:`ClassifyTask.text_only`: what the
+    text alone gives away); for retrieval the expected R@K of a random ranking on each
+    gallery in use."""
     if isinstance(spec, RetrievalTask):
         rows = []
         if two_tower:
@@ -260,11 +263,14 @@ def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_to
             rows.append(table_row(task, "–", "chance", "–", spec, None, data,
                              spec.chance(data["train"], data["test"], single_stream=True)))
         return rows
-    test = spec.chance(data["train"], data["test"])
-    row = table_row(task, "–", "chance (majority class)", "–", spec, None, data, test)
-    if "val" in data:
-        row["val"] = round(spec.chance(data["train"], data["val"])["score"], 2)
-    return [row]
+    rows = []
+    for method, score in (("chance (majority class)", spec.chance), ("text only (n-gram LR)", spec.text_only)):
+        row = table_row(task, "–", method, "–", spec, None, data, score(data["train"], data["test"]))
+        if "val" in data:
+            v = score(data["train"], data["val"])
+            row["val"], row["val_se"], row["n_val"] = round(v["score"], 2), round(v["se"], 2), int(v["n"])
+        rows.append(row)
+    return rows
 
 
 def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int = 0,
@@ -331,7 +337,9 @@ def table_note(cfg: BaselinesConfig, table: pd.DataFrame, profile: str | None) -
     """The text under the Markdown table: subsets, galleries, weights, what the columns mean."""
     lines = [f"Profile `{profile}`. Scores in percent on the test subset (`n_test` queries), ± one binomial "
              "standard error (`test_se`); `val` is the tuning split. Chance: the train-majority class, or the "
-             "exact expected R@K of a random ranking on the same gallery (no error)."]
+             "exact expected R@K of a random ranking on the same gallery (no error). Text only: logistic regression on "
+             "the bag of token 1-2-grams of the question / statement / text, fit on the same train subset, no "
+             "image (`vlkit.tasks.text_only`): what the text alone gives away."]
     for task in list(cfg.tasks) + list(cfg.text_tasks):
         s = cfg.settings(task)
         sub = table[(table["task"] == task) & table["n_train"].notna()]

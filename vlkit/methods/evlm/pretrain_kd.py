@@ -147,14 +147,14 @@ def teacher_itm_head(teacher: nn.Module, corpus, collate, steps: int, batch_size
                      seed: int, itc_temperature: float = 0.07) -> nn.Module:
     """An ITM head fitted for ``steps`` steps on the frozen ``teacher`` (a linear probe: the
     backbone is not updated; module docstring), returned frozen in eval mode."""
-    from vlkit.pretrain import PretrainModel, _loss_fn
+    from vlkit.pretrain import PretrainModel, pretrain_loss
     from vlkit.train import TrainConfig, fit
 
     teacher.requires_grad_(False)
     probe = PretrainModel(teacher, ["itm"], itc_temperature, seed=seed)
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, schedule="constant", progress=False,
                      fused=True)
-    fit(probe, _loss_fn, corpus, config=tc, collate_fn=collate)
+    fit(probe, pretrain_loss, corpus, config=tc, collate_fn=collate)
     head = probe.itm_head.eval()
     head.requires_grad_(False)
     return head
