@@ -131,9 +131,9 @@ for s, d in nlvr.items():
 # No val image *pair* appears in train. Single images may recur when the scene space is small
 # (a lone large shape sits centred in its cell: 36 such images on the default 2 x 2 grid with 3
 # shapes x 3 colours), so they are counted, not forbidden.
-pairs_of = lambda ds: set(zip(png_list(ds, "image_left"), png_list(ds, "image_right")))  # noqa: E731
-assert not pairs_of(nlvr["train"]) & pairs_of(nlvr["val"]), "a val image pair is in train"
-shared = png_hashes(nlvr["train"], "image_left", "image_right") & png_hashes(nlvr["val"], "image_left", "image_right")
+sides = {s: (png_list(nlvr[s], "image_left"), png_list(nlvr[s], "image_right")) for s in ("train", "val")}
+assert not set(zip(*sides["train"])) & set(zip(*sides["val"])), "a val image pair is in train"
+shared = set().union(*sides["train"]) & set().union(*sides["val"])
 print("labels balanced in every split; every minimal pair has one true and one false row; "
       f"no val image pair appears in train ({len(shared)} distinct single images occur in both)")
 

@@ -128,7 +128,8 @@ IGNORE = -100  # cross-entropy ignore index (labels of unmasked tokens)
 POSITIVE, RANDOM_NEG, HARD_NEG = 0, 1, 2
 
 __all__ = ["PretrainConfig", "Source", "Corpus", "PretrainCollator", "MLMHead", "PretrainModel", "PretrainResult",
-           "mask_tokens", "pretrain_loss", "caption_program", "shapes_source", "easyvqa_source", "build_corpus", "pretrain_preset",
+           "mask_tokens", "pretrain_loss", "caption_program", "shapes_source", "easyvqa_source", "build_corpus",
+           "build_val_corpus", "pretrain_preset",
            "export_final", "read_final", "run_dir_for", "weights_for", "pretrained_backbone", "helps", "helps_table",
            "run", "main", "OBJECTIVES", "PRETRAIN_PRESETS", "CORPORA"]
 
@@ -797,6 +798,13 @@ def minilm_tokens() -> dict:
                 random_low=tok.convert_tokens_to_ids("!"))
 
 
+def build_val_corpus(cfg: PretrainConfig, profile: str | None, seed: int | None = None) -> Corpus:
+    """The validation corpus of :func:`build_corpus`: the ``val`` split with a tenth of each
+    capped corpus's cap (all of an uncapped one), so it mixes like the train set."""
+    return build_corpus(dataclasses.replace(cfg, max_rows={k: max(1, v // 10) for k, v in cfg.max_rows.items()}),
+                        profile, "val", seed)
+
+
 def collator_for(corpus: Corpus, cfg: PretrainConfig, vocab_size: int, tokens: dict | None = None,
                  generator=None, objectives: Sequence[str] = ("itm", "mlm"), val: bool = False) -> PretrainCollator:
     """:class:`PretrainCollator` with ``cfg``'s masking / negatives (``val``: the validation
@@ -1079,9 +1087,7 @@ def run(profile: str | None = None, presets: Sequence[str] | None = None, *, hel
         with stage_timer("pretrain" if not presets else f"pretrain-{'-'.join(names)}", profile,
                          results_dir(profile)):
             corpus = build_corpus(cfg, profile, "train", seed)
-            # val: a tenth of each capped corpus (all of an uncapped one), so it mixes like the train set
-            val = build_corpus(dataclasses.replace(cfg, max_rows={k: max(1, v // 10) for k, v in cfg.max_rows.items()}),
-                               profile, "val", seed)
+            val = build_val_corpus(cfg, profile, seed)
             log.info("corpus: %s; val: %s", [(s.name, len(s)) for s in corpus.sources],
                      [(s.name, len(s)) for s in val.sources])
             for p in names:

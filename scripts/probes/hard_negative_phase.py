@@ -36,8 +36,8 @@ import torch
 def main(argv=None) -> dict:
     from vlkit import config
     from vlkit.models import build
-    from vlkit.pretrain import (PretrainModel, build_corpus, collator_for, evaluate, export_final, fixed_batches,
-                                param_groups, pretrain_loss)
+    from vlkit.pretrain import (PretrainModel, build_corpus, build_val_corpus, collator_for, evaluate, export_final,
+                                fixed_batches, param_groups, pretrain_loss)
     from vlkit.train import TrainConfig, fit
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     cfg = config.resolve("pretrain", "default")
     cfg = dataclasses.replace(cfg, hard_frac=a.hard_frac)
     corpus = build_corpus(cfg, "default", "train", 0)
-    val = build_corpus(dataclasses.replace(cfg, max_rows={k: max(1, v // 10) for k, v in cfg.max_rows.items()}),
-                       "default", "val", 0)
+    val = build_val_corpus(cfg, "default", 0)
     backbone = build(a.preset, weights=f"runs/pretrain/{a.preset}/final")
     objectives = list(cfg.objectives[a.preset])
     model = PretrainModel(backbone, objectives, cfg.itc_temperature, seed=0)

@@ -70,7 +70,7 @@ def test_task_text_only_and_the_baselines_reference_rows():
     texts = [[101, 7 if i % 2 else 8, 20 + i % 5, 102] for i in range(40)]
     labels = [i % 2 for i in range(40)]
     data = {s: _task_data("movie_reviews", s, texts, labels) for s in ("train", "val", "test")}
-    got = spec.text_only(data["train"], data["test"])
+    got = spec.text_only(data["train"])(data["test"])
     assert got["score"] == 100.0 and got["n"] == 40
     rows = {r["method"]: r for r in chance_rows("movie_reviews", spec, data)}
     assert set(rows) == {"chance (majority class)", "text only (n-gram LR)"}

@@ -264,10 +264,12 @@ def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_to
                              spec.chance(data["train"], data["test"], single_stream=True)))
         return rows
     rows = []
-    for method, score in (("chance (majority class)", spec.chance), ("text only (n-gram LR)", spec.text_only)):
-        row = table_row(task, "–", method, "–", spec, None, data, score(data["train"], data["test"]))
+    train = data["train"]
+    for method, score in (("chance (majority class)", lambda split: spec.chance(train, split)),
+                          ("text only (n-gram LR)", spec.text_only(train))):  # fit once, scored on test and val
+        row = table_row(task, "–", method, "–", spec, None, data, score(data["test"]))
         if "val" in data:
-            v = score(data["train"], data["val"])
+            v = score(data["val"])
             row["val"], row["val_se"], row["n_val"] = round(v["score"], 2), round(v["se"], 2), int(v["n"])
         rows.append(row)
     return rows

@@ -438,13 +438,14 @@ class ClassifyTask(TaskSpec):
         target = torch.as_tensor(data.labels())
         return self._metrics(torch.full_like(target, majority), target)
 
-    def text_only(self, train: TaskData, data: TaskData) -> dict:
+    def text_only(self, train: TaskData) -> Callable[[TaskData], dict]:
         """The text-only baseline (:mod:`vlkit.tasks.text_only`: bag of token n-grams ->
-        logistic regression, fit on ``train``, no image) scored on ``data``."""
+        logistic regression, no image), fit once on ``train``; returns ``score(data) ->
+        metrics`` for any split."""
         from .text_only import fit_text_only
 
         predict = fit_text_only([e["ids"] for e in train.examples], train.labels(), self.num_classes)
-        return self._metrics(predict([e["ids"] for e in data.examples]), torch.as_tensor(data.labels()))
+        return lambda data: self._metrics(predict([e["ids"] for e in data.examples]), torch.as_tensor(data.labels()))
 
 
 @dataclass(frozen=True)
