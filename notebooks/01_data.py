@@ -207,14 +207,22 @@ else:
 # expected R@K of a random ranking on the same gallery). Train, val and test are fixed random
 # subsets, the same for every row, so the whole table fits the stage's CPU budget; the note
 # under the table states them. Under `ci` the models are tiny and trained for a handful of
-# steps: the table checks the code paths, not the numbers.
+# steps: the table checks the code paths, not the numbers. Full fine-tuning of a pre-trained
+# preset is the same run as the pre-trained arm of the helps stage (`results/pretrain/helps.md`),
+# so its row is copied from there when the run's fingerprint (settings, weights, seed) matches.
 
 # %%
 from vlkit.tasks.baselines import run_baselines, table_note
+from vlkit.tasks.helps import runs_path
 
 csv = out / "baselines.csv"
 if profile == "ci" or rerun or not csv.is_file():
-    table, timings = run_baselines(cfg, profile, seed=config.seed())
+    # full fine-tuning of a pre-trained preset was already run by the helps stage, with these
+    # settings: rows whose fingerprint matches are copied from its runs, not trained again
+    helps_runs = pd.read_csv(runs_path(profile)) if runs_path(profile).is_file() else None
+    table, timings = run_baselines(cfg, profile, seed=config.seed(), reuse=helps_runs)
+    reused = sum("reused" in r for r in timings["rows"])
+    print(f"{reused} of {len(timings['rows'])} runs copied from {runs_path(profile)} (same fingerprint)")
     write_table(table, "baselines", out, note=table_note(cfg, table, profile))
     from vlkit.results import write_json
 

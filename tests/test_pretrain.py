@@ -379,6 +379,31 @@ def test_pretrain_lowers_loss_resumes_and_exports(tmp_path):
     assert again.model is None and again.record["params_hash"] == rec["params_hash"]
 
 
+def test_hard_negative_phase_switches_on_at_hard_start_and_resumes(tmp_path):
+    """``hard_start=0.6`` of 10 steps: steps 1-6 draw random negatives only, steps 7-10 draw
+    ``hard_frac`` of them hard (the training history logs hard-negative accuracy exactly on
+    the steps whose batch had one); a run interrupted inside the phase and resumed
+    keeps drawing hard negatives and ends bit-identical to an uninterrupted one."""
+    cfg = toy_cfg("vilt-mini", steps=10, hard_frac=1.0, hard_start=0.6)
+    assert [P.hard_frac_at(cfg, d, 10) for d in range(10)] == [0.0] * 6 + [1.0] * 4
+    assert P.hard_frac_at(toy_cfg(hard_frac=0.5), 0, 10) == 0.5  # hard_start 0: from the start
+    corpus, val = P.Corpus([toy_source()]), P.Corpus([toy_source(seed=1)])
+    kw = dict(seed=0, tokens={**TOKENS, "vocab": TOY_VOCAB})
+    whole = P.pretrain_preset("vilt-mini", cfg, corpus, val, run_dir=tmp_path / "w", **kw)
+    hist = whole.record["history"]
+    assert ["itm_hard_acc" in h for h in hist] == [False] * 6 + [True] * 4
+    P.pretrain_preset("vilt-mini", cfg, corpus, val, run_dir=tmp_path / "r", stop_at_step=7, **kw)
+    resumed = P.pretrain_preset("vilt-mini", cfg, corpus, val, run_dir=tmp_path / "r", **kw)
+    assert [h["loss"] for h in resumed.record["history"]] == [h["loss"] for h in hist]
+    assert whole.record["hard_start"] == 0.6
+    # the phase is part of the run's identity: another hard_start is another run
+    other = P.pretrain_preset("vilt-mini", toy_cfg("vilt-mini", steps=10, hard_frac=1.0, hard_start=0.3),
+                              corpus, val, run_dir=tmp_path / "w", **kw)
+    assert other.model is not None and other.record["params_hash"] != whole.record["params_hash"]
+    with pytest.raises(ValueError, match="hard_start"):
+        toy_cfg(hard_start=1.5)
+
+
 def test_export_two_tower_loads_identically(tmp_path):
     backbone = build("xvlm-mini", seed=3, **TINY["xvlm-mini"])
     with torch.no_grad():
@@ -406,26 +431,6 @@ def test_write_results(tmp_path):
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert list(curves["step"]) == [1, 2] and list(curves["mlm"]) == [1.3, 0.3]
     assert "0.75" in (tmp_path / "summary.md").read_text()
-
-
-def test_helps_table_pairs_rows_and_differences():
-    import pandas as pd
-
-    def table(test, se, val):
-        return pd.DataFrame([{"task": "shapes_nlvr", "backbone": "vilt-mini", "method": "full", "metric": "accuracy",
-                              "n_train": 2048, "steps": 64, "n_val": 500, "n_test": 1000, "val": val, "val_se": 2.0,
-                              "test": test, "test_se": se},
-                             {"task": "shapes_nlvr", "backbone": "vilt-mini", "method": "linear_probe",
-                              "metric": "accuracy", "n_train": 2048, "steps": 64, "n_val": 500, "n_test": 1000,
-                              "val": 0.0, "val_se": 0.0, "test": 0.0, "test_se": 0.0}])
-
-    out = P.helps_table(table(80.0, 1.2, 79.0), table(70.0, 1.6, 71.0))
-    assert len(out) == 1  # full fine-tuning rows only
-    row = out.iloc[0]
-    assert row["test pre"] == 80.0 and row["test none"] == 70.0 and row["test diff"] == 10.0
-    assert row["diff_se"] == 2.0 and row["val diff"] == 8.0 and row["helps"] == "yes"
-    assert P.helps_table(table(71.0, 1.2, 0), table(70.0, 1.6, 0)).iloc[0]["helps"] == "yes (< 2 SE)"
-    assert P.helps_table(table(69.0, 1.2, 0), table(70.0, 1.6, 0)).iloc[0]["helps"] == "no"
 
 
 def test_train_negatives_random_by_default_val_half_hard():

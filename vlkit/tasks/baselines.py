@@ -19,6 +19,14 @@ from ``xvlm-mini`` (EfficientVLM's layer-halved student, initialised from the te
 layers) and counts as pre-trained when that teacher was. The text side (MiniLM) and the
 image cells (EfficientNet-Lite0) are pre-trained in every row.
 
+Reuse: full fine-tuning of a pre-trained preset is also one arm of the pre-training-helps
+comparison (:mod:`vlkit.tasks.helps`, which runs before this table with the same settings).
+Every row carries a ``fingerprint`` (:func:`run_fingerprint`: the task's settings, gallery,
+feature mode, the preset's overrides and the *content* of its weights' ``meta.json``, seed,
+profile); :func:`run_baselines` given ``reuse`` rows copies a row whose fingerprint matches
+instead of training it again -- the same run, measured once (the row's timing says
+``reused``). Any difference in those inputs means a new fingerprint and a fresh run.
+
 Timings (seconds per row, and the stage total) go to ``results/timings/baselines.<profile>.json``,
 apart from the table, which is identical across runs of one profile and seed on the CPU.
 """
@@ -41,8 +49,8 @@ from vlkit.models.protocol import UnknownNameError
 
 from .runner import TASKS, RetrievalTask, finetune, get_task
 
-__all__ = ["BaselinesConfig", "TASK_SETTING_KEYS", "run_baselines", "load_backbone", "load_task_data", "task_spec",
-           "train_config_for", "table_row", "chance_rows", "cached_backbone", "cached_task_data", "main"]
+__all__ = ["BaselinesConfig", "TASK_SETTING_KEYS", "run_baselines", "run_fingerprint", "load_backbone", "load_task_data",
+           "task_spec", "train_config_for", "table_row", "chance_rows", "cached_backbone", "cached_task_data", "main"]
 
 TASK_SETTING_KEYS = ("train", "val", "test", "epochs", "steps", "lr", "probe_lr", "probe_epochs", "batch_size",
                      "text_len", "head_lr_mult", "warmup")
@@ -183,6 +191,37 @@ def cached_task_data(task: str, cfg: BaselinesConfig, profile: str | None, cache
 
 
 # ---------------------------------------------------------------------------- rows
+def _weights_identity(preset: str, cfg: BaselinesConfig) -> str | None:
+    """The weights a row of ``preset`` starts from, by content: the sha256 of the checkpoint's
+    ``meta.json`` (it records the pre-training's params hash, steps and history), the
+    teacher's for a derived ``xvlm-mini-half``; ``None`` without in-repo weights."""
+    import hashlib
+
+    from vlkit.paths import ROOT
+
+    w = cfg.weights.get(preset)
+    if w is None and preset == "xvlm-mini-half":
+        w = cfg.weights.get("xvlm-mini")
+        preset = "xvlm-mini"
+    if w is None:
+        return None
+    meta = (Path(w) if Path(w).is_absolute() else ROOT / w) / "meta.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else f"missing:{w}"
+
+
+def run_fingerprint(cfg: BaselinesConfig, task: str, backbone: str, method: str, seed: int,
+                    profile: str | None) -> str:
+    """A hash of everything that decides one row's numbers (module docstring, *Reuse*): two
+    rows with one fingerprint are the same run."""
+    from vlkit.checkpoint import hash_params
+
+    return hash_params({"task": task, "backbone": backbone, "method": method, "seed": seed, "profile": profile,
+                        "settings": cfg.settings(task), "gallery": cfg.gallery, "features": cfg.features,
+                        "overrides": cfg.overrides.get(backbone) or {},
+                        "probe_splits": list(cfg.probe_splits) if method == "linear_probe" else None,
+                        "weights": _weights_identity(backbone, cfg) if backbone not in TEXT_PRESETS else None})
+
+
 def train_config_for(s: dict, n_train: int, linear: bool, seed: int):
     """The :class:`vlkit.train.TrainConfig` of one row: settings ``s`` (:meth:`BaselinesConfig.settings`)
     on ``n_train`` examples -- ``probe_epochs`` at ``probe_lr`` for a linear probe, else
@@ -276,8 +315,10 @@ def chance_rows(task: str, spec, data: dict, single_stream: bool = False, two_to
 
 
 def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int = 0,
-                  log: Callable[[str], None] | None = print) -> tuple[pd.DataFrame, dict]:
-    """Run every row of the table; return ``(table, timings)``."""
+                  log: Callable[[str], None] | None = print,
+                  reuse: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """Run every row of the table; return ``(table, timings)``. ``reuse``: earlier rows (with
+    their ``fingerprint`` column); a row whose fingerprint matches is copied, not rerun."""
     from vlkit.models.towers import TwoTowerBackbone
 
     if cfg.threads:
@@ -291,7 +332,11 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
                                                                  for t in cfg.text_tasks]
     data_cache: dict = {}
     kinds: dict[str, set] = {}
+    known = {} if reuse is None or "fingerprint" not in reuse else {
+        r["fingerprint"]: {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        for r in reuse.to_dict("records") if isinstance(r["fingerprint"], str)}
     for backbone, task in plan:
+        fps = {m: run_fingerprint(cfg, task, backbone, m, seed, profile) for m in cfg.methods}
         spec, s = task_spec(task, cfg), cfg.settings(task)
         if task not in data_cache:
             t0 = time.perf_counter()
@@ -305,13 +350,19 @@ def run_baselines(cfg: BaselinesConfig, profile: str | None = None, *, seed: int
         base, pretrained = built[backbone]
         kinds.setdefault(task, set()).add("two" if isinstance(base, TwoTowerBackbone) else "single")
         for method in cfg.methods:
+            if fps[method] in known:
+                rows.append(dict(known[fps[method]]))
+                timings["rows"].append({"task": task, "backbone": backbone, "method": method,
+                                        "reused": fps[method]})
+                say(f"{task:17s} {backbone:15s} {method:13s} reused ({fps[method]})")
+                continue
             t0 = time.perf_counter()
             linear = method == "linear_probe"
             tc = train_config_for(s, len(data["train"]), linear, seed)
             splits = tuple(sp for sp in ("val", "test") if sp in data and (not linear or sp in cfg.probe_splits))
             res = finetune(spec, copy.deepcopy(base), method, data=data, train_config=tc, seed=seed,
                            eval_splits=splits, head_lr_mult=None if linear else float(s["head_lr_mult"]))
-            rows.append(table_row(task, backbone, method, pretrained, spec, res, data))
+            rows.append({**table_row(task, backbone, method, pretrained, spec, res, data), "fingerprint": fps[method]})
             dt = time.perf_counter() - t0
             timings["rows"].append({"task": task, "backbone": backbone, "method": method, "seconds": round(dt, 1),
                                     "train_seconds": round(res["train_seconds"], 1),
@@ -360,6 +411,9 @@ def table_note(cfg: BaselinesConfig, table: pd.DataFrame, profile: str | None) -
                      f"re-rank the top {spec.rerank_k} per query with the ITM head; single-stream presets score "
                      f"every pair with the ITM head on the first {spec.gallery_images_single} images (`gallery`). "
                      "A caption is a hit for every gallery image it is true of (scene metadata).")
+    lines.append("- `fingerprint`: a hash of everything that decides a row's numbers (`run_fingerprint`); full "
+                 "fine-tuning rows of pre-trained presets are copies of the pre-training-helps stage's identical "
+                 "runs (`results/pretrain/helps_runs.csv`, same fingerprint) when they exist.")
     w = {p: cfg.weights.get(p) for p in cfg.backbones}
     lines.append("- `pretrained`: in-repo vision-language pre-training loaded (" +
                  ", ".join(f"{p}: {v or 'none'}" for p, v in w.items()) +
