@@ -216,8 +216,16 @@ def test_stage_times_against_budgets(tmp_path):
     assert st.loc["sherl", "measured_min"] == 3.0 and "sum of sections" in st.loc["sherl", "source"]
     assert st.loc["data + features", "source"] == "not timed"
     assert st.loc["baselines", "source"] == "not timed" and st.loc["baselines", "within_budget"] == "–"
-    assert st.budget_min.drop("helps").tolist() == [15, 45, 10, 25, 30, 20, 5]
+    assert st.budget_min.drop(["helps", "tour"]).tolist() == [15, 45, 10, 25, 30, 20, 5, 150]
     assert math.isnan(st.loc["helps", "budget_min"])  # no budget of its own
+    # the total: every stage summed, judged only once nothing is missing
+    assert st.loc["total", "measured_min"] == 10.0 + 50.0 + 3.0 and st.loc["total", "within_budget"] == "–"
+    assert st.loc["total", "source"] == "sum; not timed: data + features, helps, baselines, evlm, report, tour"
+    for name in ("features", "pretrain-helps", "01_data", "21_evlm", "90_report", "00_tour"):
+        write_json({"wall_s": 60.0}, f"timings/{name}.default", tmp_path)
+    st = rp.stage_times([t], "default").set_index("stage")
+    assert st.loc["total", "measured_min"] == 63.0 + 2.0 + 5 * 1.0  # + data & features, five 1-minute stages
+    assert st.loc["total", "within_budget"] == "yes" and st.loc["total", "source"] == "sum of the stages above"
 
 
 # ------------------------------------------------------------------------------ paper numbers

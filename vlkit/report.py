@@ -516,7 +516,9 @@ STAGE_BUDGETS = (
     ("evlm", 30, (("21_evlm",), ("evlm",))),
     ("sherl", 20, (("30_sherl",), ("sherl",))),
     ("report", 5, (("90_report",),)),
+    ("tour", None, (("00_tour",),)),
 )
+PIPELINE_BUDGET_MIN = 150  # the whole default-profile `dvc repro` on 2 CPU cores (issue #7)
 
 
 def _wall_seconds(rec: dict) -> tuple[float, str] | None:
@@ -542,7 +544,8 @@ def _find_timing(dirs: Sequence[Path], name: str, profile: str) -> dict | None:
 def stage_times(timing_dirs: str | Path | Sequence[str | Path], profile: str) -> pd.DataFrame:
     """Each stage's measured minutes (from ``<dir>/<name>.<profile>.json``, the first directory
     holding it) against its budget: ``within_budget`` yes / no, or "–" without a budget or a
-    timing (``source`` "not timed")."""
+    timing (``source`` "not timed"); a last ``total`` row sums every stage against the
+    pipeline's :data:`PIPELINE_BUDGET_MIN` ("–" while a stage is not timed)."""
     dirs = [Path(timing_dirs)] if isinstance(timing_dirs, (str, Path)) else [Path(d) for d in timing_dirs]
     rows = []
     for stage, budget, alternatives in STAGE_BUDGETS:
@@ -558,6 +561,11 @@ def stage_times(timing_dirs: str | Path | Sequence[str | Path], profile: str) ->
         within = "–" if (budget is None or not found) else ("yes" if minutes <= budget else "no")
         rows.append({"stage": stage, "budget_min": budget, "measured_min": minutes, "within_budget": within,
                      "source": found[1] if found else "not timed"})
+    missing = [r["stage"] for r in rows if r["source"] == "not timed"]
+    total = round(sum(r["measured_min"] for r in rows if r["source"] != "not timed"), 1)
+    rows.append({"stage": "total", "budget_min": PIPELINE_BUDGET_MIN, "measured_min": total,
+                 "within_budget": "–" if missing else ("yes" if total <= PIPELINE_BUDGET_MIN else "no"),
+                 "source": f"sum; not timed: {', '.join(missing)}" if missing else "sum of the stages above"})
     return pd.DataFrame(rows)
 
 
