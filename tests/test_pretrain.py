@@ -396,6 +396,9 @@ def test_hard_negative_phase_switches_on_at_hard_start_and_resumes(tmp_path):
     resumed = P.pretrain_preset("vilt-mini", cfg, corpus, val, run_dir=tmp_path / "r", **kw)
     assert [h["loss"] for h in resumed.record["history"]] == [h["loss"] for h in hist]
     assert whole.record["hard_start"] == 0.6
+    P.write_results([whole.record], tmp_path / "out")  # the summary says the train losses are the phase's
+    assert "the last 40% of the steps draw a share 1.0 of their ITM negatives hard" in (
+        tmp_path / "out" / "summary.md").read_text()
     # the phase is part of the run's identity: another hard_start is another run
     other = P.pretrain_preset("vilt-mini", toy_cfg("vilt-mini", steps=10, hard_frac=1.0, hard_start=0.3),
                               corpus, val, run_dir=tmp_path / "w", **kw)

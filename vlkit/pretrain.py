@@ -1045,9 +1045,13 @@ def write_results(records: list[dict], out_dir: Path) -> None:
                         "wall s": r.get("wall_s_this_call"), "CPU s": r.get("cpu_s_this_call"),
                         "threads": r.get("threads")})
     corpus = ", ".join(f"{n} ({k} pairs)" for n, k in records[0]["corpus"]) if records else ""
-    hard = {r.get("hard_frac") for r in records} - {None}
+    hard = {(r.get("hard_frac"), r.get("hard_start") or 0.0) for r in records if r.get("hard_frac") is not None}
+    (frac, start), = hard if len(hard) == 1 else ((None, None),)
     note = (f"Corpus: {corpus}. Train losses: mean over the last 10% of steps"
-            + (f"; a share {hard.pop()} of the training ITM negatives are hard ones" if len(hard) == 1 else "")
+            + ("" if frac is None else
+               f"; a share {frac} of the training ITM negatives are hard ones" if not start else
+               f"; hard-negative phase: the last {1 - start:.0%} of the steps draw a share {frac} of their ITM "
+               f"negatives hard (earlier steps: random negatives), so the train losses are the phase's")
             + ". Val: fixed seeded pairs of the "
             "val splits (half negatives, half of those hard), before pre-training (MiniLM text, random "
             "vision/fusion) and after; 'grounded-word acc': MLM accuracy on the masked colour / shape / size / "
