@@ -141,6 +141,13 @@ class BaselinesConfig:
 
 
 # ---------------------------------------------------------------------------- backbones
+def _weights_path(w: str) -> Path:
+    """A ``weights`` entry as a path: params.yaml paths are relative to the repository."""
+    from vlkit.paths import ROOT
+
+    return Path(w) if Path(w).is_absolute() else ROOT / w
+
+
 def load_backbone(preset: str, cfg: BaselinesConfig, built: dict | None = None) -> tuple[torch.nn.Module, str]:
     """``(backbone, pretrained)``: ``preset`` built with its ``weights`` and ``overrides``.
     ``pretrained`` is ``"yes"`` when an in-repo VL pre-training checkpoint was loaded (for
@@ -155,9 +162,7 @@ def load_backbone(preset: str, cfg: BaselinesConfig, built: dict | None = None) 
     if preset in TEXT_PRESETS:
         return build(preset, **kw), "yes"
     if w is not None:
-        from vlkit.paths import ROOT
-
-        path = Path(w) if Path(w).is_absolute() else ROOT / w  # params.yaml paths are relative to the repository
+        path = _weights_path(w)
         if not path.exists():
             raise FileNotFoundError(f"baselines.weights.{preset} = {w!r} does not exist; run the pretrain stage or "
                                     f"set it to null")
@@ -197,15 +202,12 @@ def _weights_identity(preset: str, cfg: BaselinesConfig) -> str | None:
     teacher's for a derived ``xvlm-mini-half``; ``None`` without in-repo weights."""
     import hashlib
 
-    from vlkit.paths import ROOT
-
     w = cfg.weights.get(preset)
     if w is None and preset == "xvlm-mini-half":
         w = cfg.weights.get("xvlm-mini")
-        preset = "xvlm-mini"
     if w is None:
         return None
-    meta = (Path(w) if Path(w).is_absolute() else ROOT / w) / "meta.json"
+    meta = _weights_path(w) / "meta.json"
     return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else f"missing:{w}"
 
 
